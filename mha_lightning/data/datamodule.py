@@ -1,0 +1,202 @@
+"""DataModules: synthetic tasks and parallel text, sharing one batching path."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+import lightning as L
+import torch
+
+from mha_lightning.data.batching import BucketBatchSampler, Example, PairDataset, ResumableDataLoader, collate
+from mha_lightning.data.vocab import EOS_ID, NUM_SPECIAL, PAD_ID
+from mha_lightning.errors import ConfigError
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+
+
+class Seq2SeqDataModule(L.LightningDataModule):
+    """Subclasses fill ``self.splits`` in ``setup`` and say how to turn ids into text."""
+
+    is_text = False
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        probe_size: int = 32,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size must be positive, got {batch_size}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.probe_size = probe_size
+        self.splits: dict[str, list[Example]] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Token ids (stopping at EOS) -> the text that BLEU/chrF and hypothesis files see."""
+        ids = strip_ids(ids)
+        return " ".join(str(i) for i in ids)
+
+    def _sampler_kwargs(self) -> dict:
+        kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer else None
+        return kwargs or {"num_replicas": 1, "rank": 0}
+
+    def _loader(self, split: str, train: bool) -> ResumableDataLoader:
+        pairs = self.splits[split]
+        sampler = BucketBatchSampler(
+            [len(s) + len(t) for s, t in pairs],
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            seed=self.seed,
+            drop_last=train,
+            **self._sampler_kwargs(),
+        )
+        return ResumableDataLoader(
+            PairDataset(pairs), sampler, collate_fn=collate, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self):
+        return self._loader("train", train=True)
+
+    def val_dataloader(self):
+        return self._loader("val", train=False)
+
+    def test_dataloader(self):
+        return self._loader("test", train=False)
+
+    def probe_batch(self) -> dict[str, torch.Tensor]:
+        """A fixed set of validation examples: the same every time, so entropy curves compare."""
+        return collate(self.splits["val"][: self.probe_size])
+
+
+def strip_ids(ids: Sequence[int]) -> list[int]:
+    out = []
+    for i in ids:
+        i = int(i)
+        if i == EOS_ID:
+            break
+        if i >= NUM_SPECIAL:
+            out.append(i)
+    return out
+
+
+class SyntheticDataModule(Seq2SeqDataModule):
+    def __init__(
+        self,
+        task: str = "reverse",
+        vocab_size: int = 24,
+        min_len: int = 4,
+        max_len: int = 12,
+        num_train: int = 20000,
+        num_val: int = 500,
+        num_test: int = 500,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        from mha_lightning.data.synthetic import generate
+
+        self.task = task
+        self._vocab_size = vocab_size
+        sizes = {"train": num_train, "val": num_val, "test": num_test}
+        # Validate now (before any process is spawned); generation itself is cheap.
+        self.splits = {
+            split: generate(task, n, vocab_size, min_len, max_len, seed=self.seed * 1000 + k)
+            for k, (split, n) in enumerate(sizes.items())
+        }
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+
+class TextDataModule(Seq2SeqDataModule):
+    """Parallel text: per split two aligned files (``src``, ``tgt``) or one ``tsv`` file.
+
+    A BPE tokenizer is trained on the training split once, saved to ``tokenizer_path``
+    and reused by evaluation and resume."""
+
+    is_text = True
+
+    def __init__(
+        self,
+        train: dict,
+        val: dict,
+        test: Optional[dict] = None,
+        tokenizer_path: str = "tokenizer.json",
+        vocab_size: int = 8000,
+        min_len: int = 1,
+        max_len: int = 100,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.files = {"train": dict(train), "val": dict(val), "test": dict(test) if test else None}
+        self.tokenizer_path = Path(tokenizer_path)
+        self._vocab_size = vocab_size
+        self.min_len, self.max_len = min_len, max_len
+        self.tokenizer = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def _read(self, split: str) -> list[tuple[str, str]]:
+        from mha_lightning.data.text import read_parallel_text
+
+        return read_parallel_text(**self.files[split])
+
+    def prepare_data(self) -> None:
+        from mha_lightning.data.tokenizer import load_or_train_tokenizer
+
+        if not self.tokenizer_path.exists():
+            pairs = self._read("train")
+            texts = [t for pair in pairs for t in pair]
+            load_or_train_tokenizer(self.tokenizer_path, texts, self._vocab_size)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        from mha_lightning.data.text import filter_by_length
+        from mha_lightning.data.tokenizer import BPETokenizer
+
+        if self.splits:
+            return
+        if not self.tokenizer_path.exists():
+            self.prepare_data()
+        self.tokenizer = BPETokenizer.load(self.tokenizer_path)
+        if self.tokenizer.vocab_size > self._vocab_size:
+            raise ConfigError(
+                f"tokenizer {self.tokenizer_path} has {self.tokenizer.vocab_size} tokens but data.vocab_size is "
+                f"{self._vocab_size}; raise data.vocab_size or delete the tokenizer file to retrain it"
+            )
+        for split in SPLITS:
+            if self.files[split] is None:
+                continue
+            encoded = [(self.tokenizer.encode(s), self.tokenizer.encode(t)) for s, t in self._read(split)]
+            # Evaluation keeps every sentence (truncated to the model's reach); training filters.
+            if split == "train":
+                encoded, _ = filter_by_length(encoded, self.min_len, self.max_len)
+            else:
+                encoded = [(s[: self.max_len], t) for s, t in encoded]
+            self.splits[split] = encoded
+        if "test" not in self.splits:
+            self.splits["test"] = self.splits["val"]
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(strip_ids(ids))
+
+    def references(self, split: str) -> list[str]:
+        return [t for _, t in self._read(split)]
+
+
+__all__ = ["Seq2SeqDataModule", "SyntheticDataModule", "TextDataModule", "PAD_ID"]

@@ -1,0 +1,286 @@
+"""Encoder-decoder transformer (Vaswani et al. 2017) with pre-LN or post-LN blocks.
+
+Single-device code: nothing here knows about distribution. ``mha_lightning.parallel``
+shards the attention and FFN Linears of these blocks in place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mha_lightning.errors import ConfigError
+from mha_lightning.model.attention import MultiHeadAttention
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
+# Given "this rank's batch is finished", return whether every rank that must step in lockstep is.
+DoneSync = Callable[[bool], bool]
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int
+    d_model: int = 256
+    num_heads: int = 8
+    head_dim: Optional[int] = None  # default d_model // num_heads; independent on purpose
+    num_encoder_layers: int = 3
+    num_decoder_layers: int = 3
+    ffn_dim: int = 512
+    activation: str = "relu"
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    norm_first: bool = True  # pre-LN
+    positional: str = "sinusoidal"  # or "learned"
+    max_len: int = 256
+    share_embeddings: bool = True  # one matrix for source, target and output projection
+    pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "d_model", "num_heads", "num_encoder_layers", "num_decoder_layers", "ffn_dim", "max_len")
+        for key in positive:
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"model.{key} must be a positive integer, got {value!r}")
+        if self.head_dim is None:
+            if self.d_model % self.num_heads:
+                raise ConfigError(
+                    f"model.d_model ({self.d_model}) is not divisible by model.num_heads ({self.num_heads}); "
+                    "set model.head_dim explicitly or change one of them"
+                )
+            self.head_dim = self.d_model // self.num_heads
+        elif not isinstance(self.head_dim, int) or self.head_dim <= 0:
+            raise ConfigError(f"model.head_dim must be a positive integer or null, got {self.head_dim!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"model.activation={self.activation!r} is not one of {sorted(ACTIVATIONS)}")
+        if self.positional not in ("sinusoidal", "learned"):
+            raise ConfigError(f"model.positional={self.positional!r} must be 'sinusoidal' or 'learned'")
+        for key in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"model.{key} must be in [0, 1), got {getattr(self, key)!r}")
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, ffn_dim: int, activation: str, dropout: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, d_model)
+        self.act = ACTIVATIONS[activation]
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.dropout(self.act(self.fc1(x))))
+
+
+class Residual(nn.Module):
+    """x + dropout(f(norm(x))) for pre-LN, norm(x + dropout(f(x))) for post-LN."""
+
+    def __init__(self, d_model: int, dropout: float, norm_first: bool) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.norm_first = norm_first
+
+    def forward(self, x: Tensor, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
+        if self.norm_first:
+            return x + self.dropout(sublayer(self.norm(x)))
+        return self.norm(x + self.dropout(sublayer(x)))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.attention_dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.ffn_dim, cfg.activation, cfg.dropout)
+        self.attn_block = Residual(cfg.d_model, cfg.dropout, cfg.norm_first)
+        self.ffn_block = Residual(cfg.d_model, cfg.dropout, cfg.norm_first)
+
+    def forward(self, x: Tensor, mask: Tensor, valid: Tensor) -> Tensor:
+        x = self.attn_block(x, lambda h: self.self_attn(h, None, mask, valid))
+        return self.ffn_block(x, self.ffn)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.attention_dropout)
+        self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.attention_dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.ffn_dim, cfg.activation, cfg.dropout)
+        self.self_block = Residual(cfg.d_model, cfg.dropout, cfg.norm_first)
+        self.cross_block = Residual(cfg.d_model, cfg.dropout, cfg.norm_first)
+        self.ffn_block = Residual(cfg.d_model, cfg.dropout, cfg.norm_first)
+
+    def forward(self, y, memory, self_mask, cross_mask, valid) -> Tensor:
+        y = self.self_block(y, lambda h: self.self_attn(h, None, self_mask, valid))
+        y = self.cross_block(y, lambda h: self.cross_attn(h, memory, cross_mask, valid))
+        return self.ffn_block(y, self.ffn)
+
+
+def sinusoidal_positions(max_len: int, d_model: int) -> Tensor:
+    position = torch.arange(max_len, dtype=torch.float32).unsqueeze(1)
+    freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    table = torch.zeros(max_len, d_model)
+    table[:, 0::2] = torch.sin(position * freq)
+    table[:, 1::2] = torch.cos(position * freq)[:, : d_model // 2]
+    return table
+
+
+class Embedder(nn.Module):
+    """Token embedding scaled by sqrt(d_model), plus positions."""
+
+    def __init__(self, cfg: TransformerConfig, tokens: nn.Embedding) -> None:
+        super().__init__()
+        self.tokens = tokens
+        self.scale = math.sqrt(cfg.d_model)
+        self.max_len = cfg.max_len
+        if cfg.positional == "learned":
+            self.learned_positions = nn.Embedding(cfg.max_len, cfg.d_model)
+            nn.init.normal_(self.learned_positions.weight, std=cfg.d_model**-0.5)
+        else:
+            self.register_buffer("sinusoid", sinusoidal_positions(cfg.max_len, cfg.d_model), persistent=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        T = ids.shape[1]
+        if T > self.max_len:
+            raise ValueError(f"sequence length {T} exceeds model.max_len ({self.max_len})")
+        pos = self.learned_positions.weight[:T] if hasattr(self, "learned_positions") else self.sinusoid[:T]
+        return self.dropout(self.tokens(ids) * self.scale + pos)
+
+
+def _token_embedding(cfg: TransformerConfig) -> nn.Embedding:
+    emb = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+    # N(0, 1/d_model) before the sqrt(d_model) scale: with N(0, 1) the scaled embeddings
+    # drown the cross-attention signal in the decoder's residual stream (see DESIGN.md).
+    nn.init.normal_(emb.weight, std=cfg.d_model**-0.5)
+    with torch.no_grad():
+        emb.weight[cfg.pad_id].zero_()
+    return emb
+
+
+class Seq2SeqTransformer(nn.Module):
+    def __init__(self, **config) -> None:
+        super().__init__()
+        cfg = self.config = TransformerConfig(**config)
+        src_tokens = _token_embedding(cfg)
+        tgt_tokens = src_tokens if cfg.share_embeddings else _token_embedding(cfg)
+        self.src_embed = Embedder(cfg, src_tokens)
+        self.tgt_embed = Embedder(cfg, tgt_tokens)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_encoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_decoder_layers))
+        # Pre-LN stacks need a final norm; post-LN outputs are already normalised.
+        self.encoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
+        self.decoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.share_embeddings:
+            self.output.weight = tgt_tokens.weight
+
+    def hparams(self) -> dict:
+        return asdict(self.config)
+
+    def attention_layers(self) -> dict[str, list[MultiHeadAttention]]:
+        """Every attention module, by kind, in layer order (the monitor's one hook point)."""
+        return {
+            "enc_self": [layer.self_attn for layer in self.encoder_layers],
+            "dec_self": [layer.self_attn for layer in self.decoder_layers],
+            "cross": [layer.cross_attn for layer in self.decoder_layers],
+        }
+
+    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        """src: (B, S) token ids -> memory (B, S, D), src_valid (B, S)."""
+        src_valid = src != self.config.pad_id
+        mask = src_valid.unsqueeze(1)  # (B, 1, S): every query sees the valid keys
+        x = self.src_embed(src)
+        for layer in self.encoder_layers:
+            x = layer(x, mask, src_valid)
+        return self.encoder_norm(x), src_valid
+
+    def decode(self, tgt_in: Tensor, memory: Tensor, src_valid: Tensor) -> Tensor:
+        """tgt_in: (B, T) ids starting with BOS -> logits (B, T, V)."""
+        T = tgt_in.shape[1]
+        tgt_valid = tgt_in != self.config.pad_id
+        causal = torch.ones(T, T, dtype=torch.bool, device=tgt_in.device).tril()
+        self_mask = causal.unsqueeze(0) & tgt_valid.unsqueeze(1)  # (B, T, T)
+        cross_mask = src_valid.unsqueeze(1)  # (B, 1, S)
+        y = self.tgt_embed(tgt_in)
+        for layer in self.decoder_layers:
+            y = layer(y, memory, self_mask, cross_mask, tgt_valid)
+        return self.output(self.decoder_norm(y))
+
+    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        memory, src_valid = self.encode(src)
+        return self.decode(tgt_in, memory, src_valid)
+
+    @torch.no_grad()
+    def greedy_decode(
+        self, src: Tensor, max_len: int, bos_id: int, eos_id: int, sync_done: Optional[DoneSync] = None
+    ) -> Tensor:
+        """Batched greedy decoding -> (B, L) ids without BOS, PAD after EOS."""
+        memory, src_valid = self.encode(src)
+        B = src.shape[0]
+        ys = torch.full((B, 1), bos_id, dtype=torch.long, device=src.device)
+        finished = torch.zeros(B, dtype=torch.bool, device=src.device)
+        for _ in range(min(max_len, self.config.max_len - 1)):
+            next_token = self.decode(ys, memory, src_valid)[:, -1].argmax(-1)
+            next_token = next_token.masked_fill(finished, self.config.pad_id)
+            ys = torch.cat([ys, next_token.unsqueeze(1)], dim=1)
+            finished |= next_token == eos_id
+            if _all_done(bool(finished.all()), sync_done):
+                break
+        return ys[:, 1:]
+
+    @torch.no_grad()
+    def beam_decode(
+        self,
+        src: Tensor,
+        max_len: int,
+        bos_id: int,
+        eos_id: int,
+        beam_size: int = 4,
+        length_penalty: float = 0.6,
+        sync_done: Optional[DoneSync] = None,
+    ) -> Tensor:
+        """Batched beam search with GNMT length penalty ((5 + len) / 6) ** alpha.
+
+        A beam that emitted EOS is frozen: it only extends with PAD at no cost, so it keeps
+        its slot and score until the final, length-normalised choice."""
+        pad = self.config.pad_id
+        memory, src_valid = self.encode(src)
+        B, K = src.shape[0], beam_size
+        memory = memory.repeat_interleave(K, dim=0)  # (B*K, S, D)
+        src_valid = src_valid.repeat_interleave(K, dim=0)
+        ys = torch.full((B * K, 1), bos_id, dtype=torch.long, device=src.device)
+        scores = torch.full((B, K), float("-inf"), device=src.device)
+        scores[:, 0] = 0.0  # all beams start identical: keep one alive
+        finished = torch.zeros(B * K, dtype=torch.bool, device=src.device)
+        lengths = torch.zeros(B * K, device=src.device)
+        for _ in range(min(max_len, self.config.max_len - 1)):
+            logp = F.log_softmax(self.decode(ys, memory, src_valid)[:, -1].float(), dim=-1)  # (B*K, V)
+            V = logp.shape[-1]
+            frozen = torch.full_like(logp, float("-inf"))
+            frozen[:, pad] = 0.0
+            logp = torch.where(finished.unsqueeze(1), frozen, logp)
+            candidates = (scores.view(B * K, 1) + logp).view(B, K * V)
+            scores, flat = candidates.topk(K, dim=-1)  # (B, K)
+            beam = flat // V + torch.arange(B, device=src.device).unsqueeze(1) * K  # (B, K) rows of ys
+            token = (flat % V).view(-1)
+            beam = beam.view(-1)
+            ys = torch.cat([ys[beam], token.unsqueeze(1)], dim=1)
+            was_finished = finished[beam]
+            lengths = lengths[beam] + (~was_finished).float()
+            finished = was_finished | (token == eos_id)
+            if _all_done(bool(finished.all()), sync_done):
+                break
+        penalty = ((5.0 + lengths) / 6.0) ** length_penalty
+        normalised = (scores.view(-1) / penalty).view(B, K)
+        best = normalised.argmax(-1) + torch.arange(B, device=src.device) * K
+        return ys[best, 1:]
+
+
+def _all_done(local_done: bool, sync_done: Optional[DoneSync]) -> bool:
+    return sync_done(local_done) if sync_done is not None else local_done

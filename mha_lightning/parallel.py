@@ -1,0 +1,170 @@
+"""Head sharding: the tensor-parallel plan, FSDP2 on the data-parallel dimension, and
+the few collectives the rest of the package needs (all on PyTorch's own DTensor engine).
+
+Heads are the unit of sharding: q, k, v are split column-wise so each tensor-parallel
+rank holds whole heads (global head = tp_rank * local_heads + local index), o is split
+row-wise and all-reduces. The FFN is sharded like Megatron (fc1 column-, fc2 row-wise).
+Embeddings, norms and the output projection stay replicated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from mha_lightning.errors import ConfigError
+
+
+def attention_plan(prefix: str) -> dict:
+    return {
+        f"{prefix}.q": ColwiseParallel(),
+        f"{prefix}.k": ColwiseParallel(),
+        f"{prefix}.v": ColwiseParallel(),
+        f"{prefix}.o": RowwiseParallel(),
+    }
+
+
+def ffn_plan() -> dict:
+    return {"ffn.fc1": ColwiseParallel(), "ffn.fc2": RowwiseParallel()}
+
+
+def encoder_layer_plan() -> dict:
+    return {**attention_plan("self_attn"), **ffn_plan()}
+
+
+def decoder_layer_plan() -> dict:
+    return {**attention_plan("self_attn"), **attention_plan("cross_attn"), **ffn_plan()}
+
+
+def validate_parallel_config(
+    num_heads: int, ffn_dim: int, data_parallel_size: int, tensor_parallel_size: int, devices: int, num_nodes: int
+) -> None:
+    """Fail in the launching process, before any worker exists, with one line naming the values."""
+    dp, tp = data_parallel_size, tensor_parallel_size
+    for key, value in (("parallel.tensor_parallel_size", tp), ("parallel.data_parallel_size", dp)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    if tp > num_heads:
+        raise ConfigError(
+            f"parallel.tensor_parallel_size ({tp}) is larger than model.num_heads ({num_heads}): "
+            "every rank must hold at least one head; lower the tp size or add heads"
+        )
+    if num_heads % tp:
+        raise ConfigError(
+            f"model.num_heads ({num_heads}) must be divisible by parallel.tensor_parallel_size ({tp}): "
+            "heads are the unit of sharding"
+        )
+    if ffn_dim % tp:
+        raise ConfigError(f"model.ffn_dim ({ffn_dim}) must be divisible by parallel.tensor_parallel_size ({tp})")
+    if dp * tp != devices * num_nodes:
+        raise ConfigError(
+            f"parallel.data_parallel_size ({dp}) x parallel.tensor_parallel_size ({tp}) = {dp * tp} must equal "
+            f"trainer.devices ({devices}) x trainer.num_nodes ({num_nodes}) = {devices * num_nodes}"
+        )
+
+
+def parallelize(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """Apply TP over the mesh's tensor_parallel dim, then FSDP2 over data_parallel (torchtitan's order)."""
+    tp_mesh = mesh["tensor_parallel"]
+    if tp_mesh.size() > 1:
+        for layer in model.encoder_layers:
+            parallelize_module(layer, tp_mesh, encoder_layer_plan())
+        for layer in model.decoder_layers:
+            parallelize_module(layer, tp_mesh, decoder_layer_plan())
+    dp_mesh = mesh["data_parallel"]
+    if dp_mesh.size() > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in [*model.encoder_layers, *model.decoder_layers]:
+            fully_shard(layer, mesh=dp_mesh)
+        fully_shard(model, mesh=dp_mesh)
+    return model
+
+
+def head_layout(num_heads: int, tp_rank: int, tp_size: int) -> range:
+    """Global indices of the heads that tensor-parallel rank ``tp_rank`` holds."""
+    local = num_heads // tp_size
+    return range(tp_rank * local, (tp_rank + 1) * local)
+
+
+def describe_sharding(model: nn.Module, mesh: Optional[DeviceMesh]) -> str:
+    """One line per rank: the mesh coordinates and which global heads of every layer it holds."""
+    num_heads = model.config.num_heads
+    if mesh is None:
+        return f"single device: all {num_heads} heads of every layer (0-{num_heads - 1})"
+    tp_rank, tp = mesh["tensor_parallel"].get_local_rank(), mesh["tensor_parallel"].size()
+    dp_rank, dp = mesh["data_parallel"].get_local_rank(), mesh["data_parallel"].size()
+    heads = head_layout(num_heads, tp_rank, tp)
+    layers = {kind: len(mods) for kind, mods in model.attention_layers().items()}
+    per_kind = ", ".join(f"{kind} x{n}" for kind, n in layers.items())
+    return (
+        f"rank {dist.get_rank()}: mesh (dp={dp}, tp={tp}) at (dp_rank={dp_rank}, tp_rank={tp_rank}); "
+        f"holds {len(heads)}/{num_heads} heads [{heads.start}-{heads.stop - 1}] of every attention layer "
+        f"({per_kind}) and 1/{tp} of every FFN"
+    )
+
+
+def local_numel(module: nn.Module) -> int:
+    """Parameter elements stored on this rank (the local shard of each DTensor)."""
+    return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in module.parameters())
+
+
+def _mesh_key(t: Tensor):
+    return id(t.device_mesh) if isinstance(t, DTensor) else None
+
+
+def total_grad_norm(parameters: Iterable[nn.Parameter]) -> Tensor:
+    """The global 2-norm of all gradients, for parameters living on different meshes.
+
+    ``clip_grad_norm_`` stacks every norm into one tensor, which DTensor refuses across meshes
+    ("All operands ... must have the same mesh"); here each mesh's norm is reduced on its own
+    mesh, turned into a plain tensor, and the squares are added."""
+    groups: dict = defaultdict(list)
+    for p in parameters:
+        if p.grad is not None:
+            groups[_mesh_key(p.grad)].append(p.grad)
+    squares = []
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        squares.append(norm.float() ** 2)
+    if not squares:
+        return torch.tensor(0.0)
+    return torch.stack(squares).sum().sqrt()
+
+
+@torch.no_grad()
+def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> Tensor:
+    """Clip like ``torch.nn.utils.clip_grad_norm_`` but across meshes; returns the pre-clip norm."""
+    parameters = list(parameters)
+    norm = total_grad_norm(parameters)
+    coef = float(max_norm / (norm + 1e-6))
+    if coef < 1.0 and math.isfinite(coef):
+        for p in parameters:
+            if p.grad is not None:
+                p.grad.mul_(coef)
+    return norm
+
+
+def all_reduce_sum(t: Tensor, group=None) -> Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def all_done(local_done: bool, device: torch.device) -> bool:
+    """True when every rank is done: keeps FSDP/TP collectives in lockstep while decoding."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return local_done
+    flag = torch.tensor([0.0 if local_done else 1.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+    return flag.item() == 0.0

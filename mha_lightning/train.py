@@ -1,0 +1,182 @@
+"""`mha-train`: the Hydra entry point. ``train(cfg)`` is what tests call."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from mha_lightning.errors import ConfigError, UserError
+
+log = logging.getLogger(__name__)
+CONFIG_PATH = "pkg://mha_lightning.conf"
+METRICS_FILE = "metrics.json"
+
+
+def parallel_sizes(cfg: DictConfig) -> tuple[int, int]:
+    """(data_parallel_size, tensor_parallel_size), validated against the model and devices."""
+    from mha_lightning.parallel import validate_parallel_config
+
+    devices, num_nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    if not isinstance(devices, int) or devices < 1:
+        raise ConfigError(f"trainer.devices must be a positive integer, got {devices!r}")
+    tp = cfg.parallel.tensor_parallel_size
+    dp = cfg.parallel.data_parallel_size
+    if dp == "auto":
+        dp = max(1, devices * num_nodes // tp) if isinstance(tp, int) and tp > 0 else 1
+    validate_parallel_config(cfg.model.num_heads, cfg.model.ffn_dim, dp, tp, devices, num_nodes)
+    return dp, tp
+
+
+def build_strategy(dp: int, tp: int) -> Any:
+    if dp * tp == 1:
+        return "auto"
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp, save_distributed_checkpoint=True)
+
+
+def build_callbacks(cfg: DictConfig) -> list:
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    monitor = cfg.get("monitor")
+    if monitor and monitor.get("enabled", False):
+        from mha_lightning.monitor.callback import EntropyMonitor
+
+        kwargs = {k: v for k, v in OmegaConf.to_container(monitor, resolve=True).items() if k != "enabled"}
+        callbacks.append(EntropyMonitor(output_dir=cfg.paths.output_dir, **kwargs))
+    return callbacks
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    return [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+
+
+def _check_path(key: str, value: Any) -> None:
+    if value is not None and not Path(str(value)).exists():
+        raise ConfigError(f"{key}={value} does not exist; point it at a checkpoint file or sharded checkpoint folder")
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit (and optionally test) one run; returns the final metrics as floats."""
+    if _is_sweep_job_needing_processes(cfg):
+        return _relaunch_sweep_job(cfg)
+
+    dp, tp = parallel_sizes(cfg)
+    _check_path("ckpt_path", cfg.get("ckpt_path"))
+    _check_path("init_from", cfg.get("init_from"))
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model = hydra.utils.instantiate(cfg.model)
+    if cfg.get("init_from"):
+        from mha_lightning.checkpoints import load_model_weights
+
+        load_model_weights(model, cfg.init_from)
+    module = hydra.utils.instantiate(cfg.module, model=model, _convert_="partial")
+    # Saved with every checkpoint (not passed to instantiate, which would build its _target_s).
+    module.hparams["run_config"] = OmegaConf.to_container(cfg, resolve=True)
+    loggers = build_loggers(cfg)
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, strategy=build_strategy(dp, tp), callbacks=build_callbacks(cfg), logger=loggers or False
+    )
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        metrics = _floats(trainer.callback_metrics)
+        if cfg.get("test") and not trainer.fast_dev_run:
+            trainer.test(module, datamodule=datamodule, verbose=trainer.is_global_zero)
+            metrics.update(_floats(trainer.callback_metrics))
+    finally:
+        _finish_wandb(loggers)
+    if trainer.is_global_zero:
+        _report(cfg, trainer, loggers, metrics)
+    return metrics
+
+
+def _floats(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _finish_wandb(loggers: list) -> None:
+    # A wandb.run left open leaks into the next job of a sweep in this process.
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
+
+
+def _report(cfg: DictConfig, trainer: L.Trainer, loggers: list, metrics: dict[str, float]) -> None:
+    out = Path(cfg.paths.output_dir)
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    lines = [f"run directory: {out}"]
+    ckpt = trainer.checkpoint_callback
+    if ckpt is not None and ckpt.best_model_path:
+        lines.append(f"best checkpoint: {ckpt.best_model_path}")
+        lines.append(f"last checkpoint: {ckpt.last_model_path}")
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger":
+            runs = sorted((out / "wandb").glob("offline-run-*"))
+            if runs:
+                lines.append(f"W&B (offline): {runs[-1]}  ->  upload with: wandb sync {runs[-1]}")
+    if (out / "attention_entropy.csv").exists():
+        lines.append(f"attention entropy: {out / 'attention_entropy.csv'}  ->  pictures: mha-plot {out}")
+    shown = {k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))}
+    lines.append(f"final metrics: {shown}")
+    print("\n".join(lines), flush=True)
+
+
+# --------------------------------------------------------------------------- sweeps
+def _is_sweep_job_needing_processes(cfg: DictConfig) -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    return cfg.trainer.get("devices", 1) * cfg.trainer.get("num_nodes", 1) > 1 and "LOCAL_RANK" not in os.environ
+
+
+def _relaunch_sweep_job(cfg: DictConfig) -> dict[str, float]:
+    """Run this sweep job's multi-process training as a single run of its own resolved config.
+
+    Lightning's launcher re-runs sys.argv; inside `-m` that would make every worker run the
+    whole sweep (DESIGN.md, decision 7). The job's own config has no sweep left in it."""
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    job = OmegaConf.to_container(cfg, resolve=True)
+    OmegaConf.save(OmegaConf.create(job), out / "job_config.yaml")
+    cmd = [
+        sys.executable, "-m", "mha_lightning.train", "--config-path", str(out.resolve()),
+        "--config-name", "job_config", f"hydra.run.dir={out.resolve()}", "hydra.output_subdir=null",
+    ]
+    log.info("sweep job %s needs several processes: running %s", out, " ".join(cmd))
+    result = subprocess.run(cmd, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"sweep job in {out} failed with exit code {result.returncode}")
+    return json.loads((out / METRICS_FILE).read_text())
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    # Sweepers (e.g. Optuna) optimise the returned value.
+    objective = cfg.get("optimized_metric")
+    return metrics.get(objective) if objective else None
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
