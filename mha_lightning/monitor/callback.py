@@ -1,0 +1,223 @@
+"""EntropyMonitor: every head's attention entropy, logged while training.
+
+Keys: ``attn_entropy/{enc_self,dec_self,cross}/L{layer}/H{head}`` (nats) and the same under
+``attn_entropy_norm/`` (divided by log of the number of valid keys). Training values come
+from the monitored training batch every ``every_n_steps`` steps; validation values from a
+fixed probe set (keys prefixed ``val_``), so curves compare across steps. Only global rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mha_lightning.monitor.entropy import KINDS, HeadEntropyAccumulator, finalize, global_head_state
+
+log = logging.getLogger(__name__)
+CSV_NAME = "attention_entropy.csv"
+CSV_COLUMNS = ("step", "split", "kind", "layer", "head", "entropy", "entropy_norm")
+
+
+class EntropyMonitor(L.Callback):
+    def __init__(
+        self,
+        output_dir: Optional[str] = None,
+        every_n_steps: int = 50,
+        collapse_threshold: float = 0.05,
+        log_images: bool = True,
+        render_plots: bool = True,
+        probe: bool = True,
+    ) -> None:
+        if every_n_steps < 1:
+            from mha_lightning.errors import ConfigError
+
+            raise ConfigError(f"monitor.every_n_steps must be a positive integer, got {every_n_steps}")
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.every_n_steps = every_n_steps
+        self.collapse_threshold = collapse_threshold
+        self.log_images = log_images
+        self.render_plots = render_plots
+        self.probe = probe
+        self.latest: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}  # split -> kind -> (H, H_norm)
+        self._collapsed: set[tuple[str, int, int]] = set()
+        self._active = False
+        self._measured_step = -1
+
+    # ------------------------------------------------------------------ wiring
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.output_dir is None:
+            self.output_dir = Path(trainer.default_root_dir)
+
+    def _layout(self, pl_module) -> tuple[dict[str, list], int, int]:
+        model = pl_module.model
+        mesh = getattr(pl_module, "_device_mesh", None)
+        tp_rank = mesh["tensor_parallel"].get_local_rank() if mesh is not None else 0
+        tp_size = mesh["tensor_parallel"].size() if mesh is not None else 1
+        return model.attention_layers(), model.config.num_heads // tp_size, tp_rank
+
+    def _attach(self, pl_module) -> None:
+        layers, local_heads, _ = self._layout(pl_module)
+        self._accumulators = {kind: [HeadEntropyAccumulator(local_heads) for _ in mods] for kind, mods in layers.items()}
+        for kind, mods in layers.items():
+            for attn, acc in zip(mods, self._accumulators[kind]):
+                attn.observer = acc
+        self._active = True
+
+    def _detach(self, pl_module) -> None:
+        for mods in pl_module.model.attention_layers().values():
+            for attn in mods:
+                attn.observer = None
+        self._active = False
+
+    def _reduce(self, pl_module) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """One all-reduce over the world of every layer's zero-padded per-head sums."""
+        _, _, tp_rank = self._layout(pl_module)
+        num_heads = pl_module.model.config.num_heads
+        states = [global_head_state(self._accumulators[kind], num_heads, tp_rank) for kind in KINDS]
+        flat = torch.cat([s.flatten() for s in states]).to(pl_module.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat = flat.cpu()
+        result, offset = {}, 0
+        for kind, s in zip(KINDS, states):
+            summed = flat[offset : offset + s.numel()].view_as(s)
+            offset += s.numel()
+            entropy, normalised = finalize(summed)
+            result[kind] = (entropy.numpy(), normalised.numpy())
+        return result
+
+    # ------------------------------------------------------------------ training steps
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps == 0 and step != self._measured_step:
+            self._measured_step = step
+            self._attach(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._active:
+            self._detach(pl_module)
+            self._publish(trainer, "train", self._measured_step, self._reduce(pl_module))
+
+    # ------------------------------------------------------------------ validation probe
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        dm = trainer.datamodule
+        if not self.probe or dm is None or not hasattr(dm, "probe_batch"):
+            return
+        batch = {k: v.to(pl_module.device) for k, v in dm.probe_batch().items()}
+        was_training = pl_module.model.training
+        pl_module.model.eval()
+        self._attach(pl_module)
+        try:
+            with torch.no_grad():
+                pl_module.model(batch["src"], batch["tgt_in"])
+        finally:
+            self._detach(pl_module)
+            pl_module.model.train(was_training)
+        self._publish(trainer, "val", trainer.global_step, self._reduce(pl_module))
+
+    # ------------------------------------------------------------------ output
+    def _publish(self, trainer, split: str, step: int, values: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        self.latest[split] = values
+        if not trainer.is_global_zero:
+            return
+        prefix = "" if split == "train" else f"{split}_"  # val_attn_entropy/...: the probe set
+        metrics = {}
+        for kind, (ent, norm) in values.items():
+            for (layer, head), h in np.ndenumerate(ent):
+                metrics[f"{prefix}attn_entropy/{kind}/L{layer}/H{head}"] = float(h)
+                metrics[f"{prefix}attn_entropy_norm/{kind}/L{layer}/H{head}"] = float(norm[layer, head])
+        metrics.update(self._collapse_check(split, step, values))
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        if self.log_images:
+            self._log_heatmaps(trainer, split, step, values)
+        self._append_csv(split, step, values)
+
+    def _collapse_check(self, split: str, step: int, values) -> dict[str, float]:
+        """Zhai et al. 2023: heads whose normalised entropy falls near 0 attend to one key."""
+        counts = {}
+        for kind, (_, norm) in values.items():
+            low = np.argwhere(np.nan_to_num(norm, nan=1.0) < self.collapse_threshold)
+            counts[f"attn_collapse/{split}/{kind}"] = float(len(low))
+            for layer, head in low:
+                key = (kind, int(layer), int(head))
+                if key not in self._collapsed:
+                    self._collapsed.add(key)
+                    log.warning(
+                        "attention entropy collapse: %s layer %d head %d normalised entropy %.4f < "
+                        "monitor.collapse_threshold %.4f at step %d (%s)",
+                        kind, layer, head, norm[layer, head], self.collapse_threshold, step, split,
+                    )
+        return counts
+
+    def _log_heatmaps(self, trainer, split: str, step: int, values) -> None:
+        wandb_loggers = [lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
+        if not wandb_loggers:
+            return
+        images = [heatmap_array(norm) for _, norm in values.values()]
+        captions = [f"{kind} {split} step {step}: normalised entropy, rows = layers, columns = heads"
+                    for kind in values]
+        for lg in wandb_loggers:
+            lg.log_image(key=f"attn_heatmap/{split}", images=images, step=step, caption=captions)
+
+    def _append_csv(self, split: str, step: int, values) -> None:
+        path = self.output_dir / CSV_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(CSV_COLUMNS)
+            for kind, (ent, norm) in values.items():
+                for (layer, head), h in np.ndenumerate(ent):
+                    n = norm[layer, head]
+                    writer.writerow([step, split, kind, layer, head, f"{h:.6f}", "" if math.isnan(n) else f"{n:.6f}"])
+
+    # ------------------------------------------------------------------ end of training
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or not self.latest:
+            return
+        rows = [
+            [split, kind, layer, head, float(ent[layer, head]), float(norm[layer, head])]
+            for split, values in self.latest.items()
+            for kind, (ent, norm) in values.items()
+            for (layer, head), _ in np.ndenumerate(ent)
+        ]
+        for lg in trainer.loggers:
+            if type(lg).__name__ == "WandbLogger":
+                lg.log_table(key="attn_entropy/final", columns=["split", "kind", "layer", "head", "entropy",
+                                                                "entropy_norm"], data=rows)
+        csv_path = self.output_dir / CSV_NAME
+        if self.render_plots and csv_path.exists():
+            from mha_lightning.monitor.plots import render_all
+
+            for split in self.latest:
+                render_all(csv_path, self.output_dir / "plots", split=split, value="entropy_norm")
+
+
+_VIRIDIS: Optional[np.ndarray] = None
+
+
+def heatmap_array(values: np.ndarray, cell: int = 24) -> np.ndarray:
+    """(layers, heads) in [0, 1] -> (layers*cell, heads*cell, 3) uint8 viridis image, NaN grey.
+
+    Built with numpy alone: cheap enough to send at every logging interval (matplotlib
+    figures with labels are drawn by `mha-plot` and at the end of training)."""
+    global _VIRIDIS
+    if _VIRIDIS is None:
+        from matplotlib import colormaps
+
+        _VIRIDIS = (colormaps["viridis"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+    idx = (np.clip(np.nan_to_num(values, nan=0.0), 0, 1) * 255).astype(int)
+    rgb = _VIRIDIS[idx]
+    rgb[np.isnan(values)] = 128
+    return np.kron(rgb, np.ones((cell, cell, 1), dtype=np.uint8))
+
