@@ -48,7 +48,7 @@ class Seq2SeqModule(L.LightningModule):
                 "ppl": Perplexity(ignore_index=PAD_ID),
                 "exact_match": MeanMetric(),
                 "bleu": SacreBLEUScore(),
-                "chrf": CHRFScore(),
+                "chrf": CHRFScore(n_word_order=0),  # chrF as sacreBLEU (and mha-eval) define it, not chrF++
             })
             for split in ("train_", "val_", "test_")  # ModuleDict keys may not be "train"
         })
@@ -146,7 +146,8 @@ class Seq2SeqModule(L.LightningModule):
     def generate(self, src: Tensor, strategy: Optional[str] = None) -> Tensor:
         cfg = self.decoding
         strategy = strategy or cfg["strategy"]
-        max_len = int((src != PAD_ID).sum(1).max()) + int(cfg["max_extra_len"])
+        # Every rank must run the same number of decoder steps (FSDP/TP collectives per step).
+        max_len = parallel.all_max(int((src != PAD_ID).sum(1).max()) + int(cfg["max_extra_len"]), src.device)
         sync = lambda done: parallel.all_done(done, src.device)  # noqa: E731 (ranks decode in lockstep)
         if strategy == "beam":
             return self.model.beam_decode(

@@ -81,11 +81,15 @@ def parallelize(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
             parallelize_module(layer, tp_mesh, decoder_layer_plan())
     dp_mesh = mesh["data_parallel"]
     if dp_mesh.size() > 1:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         for layer in [*model.encoder_layers, *model.decoder_layers]:
             fully_shard(layer, mesh=dp_mesh)
         fully_shard(model, mesh=dp_mesh)
+        # Decoding calls encode/decode, not forward: without this the root's parameters
+        # (embeddings, norms, output) stay sharded and the embedding lookup fails.
+        for method in ("greedy_decode", "beam_decode"):
+            register_fsdp_forward_method(model, method)
     return model
 
 
@@ -159,6 +163,15 @@ def all_reduce_sum(t: Tensor, group=None) -> Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
+
+
+def all_max(value: int, device: torch.device) -> int:
+    """The largest ``value`` over all ranks (e.g. a decoding length every rank must agree on)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def all_done(local_done: bool, device: torch.device) -> bool:

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from mha_lightning.errors import ConfigError, UserError
@@ -19,6 +18,28 @@ from mha_lightning.errors import ConfigError, UserError
 log = logging.getLogger(__name__)
 CONFIG_PATH = "pkg://mha_lightning.conf"
 METRICS_FILE = "metrics.json"
+
+
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, but a UserError raised by the target reaches the user as itself
+    (Hydra wraps it in an InstantiationException with a stack-trace hint)."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise
+
+
+def check_lengths(cfg: DictConfig) -> None:
+    data_max, model_max = cfg.data.get("max_len"), cfg.model.max_len
+    if isinstance(data_max, int) and isinstance(model_max, int) and data_max + 1 > model_max:
+        raise ConfigError(
+            f"data.max_len ({data_max}) + 1 (BOS/EOS) exceeds model.max_len ({model_max}); "
+            "raise model.max_len or lower data.max_len"
+        )
 
 
 def parallel_sizes(cfg: DictConfig) -> tuple[int, int]:
@@ -45,7 +66,7 @@ def build_strategy(dp: int, tp: int) -> Any:
 
 
 def build_callbacks(cfg: DictConfig) -> list:
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     monitor = cfg.get("monitor")
     if monitor and monitor.get("enabled", False):
         from mha_lightning.monitor.callback import EntropyMonitor
@@ -56,7 +77,7 @@ def build_callbacks(cfg: DictConfig) -> list:
 
 
 def build_loggers(cfg: DictConfig) -> list:
-    return [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
 
 
 def _check_path(key: str, value: Any) -> None:
@@ -69,22 +90,30 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if _is_sweep_job_needing_processes(cfg):
         return _relaunch_sweep_job(cfg)
 
+    import lightning as L  # here, not at import time: `--cfg job` and config errors stay fast
+
     dp, tp = parallel_sizes(cfg)
+    check_lengths(cfg)
     _check_path("ckpt_path", cfg.get("ckpt_path"))
     _check_path("init_from", cfg.get("init_from"))
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = hydra.utils.instantiate(cfg.data)
-    model = hydra.utils.instantiate(cfg.model)
+    datamodule = instantiate(cfg.data)
+    if dp * tp > 1 and "LOCAL_RANK" not in os.environ:
+        # Read the data (train the tokenizer) before any worker exists: a bad file then stops this one
+        # process with one line, not rank 0 alone while the others fail in a barrier with a traceback.
+        datamodule.prepare_data()
+    model = instantiate(cfg.model)
     if cfg.get("init_from"):
         from mha_lightning.checkpoints import load_model_weights
 
         load_model_weights(model, cfg.init_from)
-    module = hydra.utils.instantiate(cfg.module, model=model, _convert_="partial")
-    # Saved with every checkpoint (not passed to instantiate, which would build its _target_s).
-    module.hparams["run_config"] = OmegaConf.to_container(cfg, resolve=True)
+    module = instantiate(cfg.module, model=model, _convert_="partial")
+    # Saved with every checkpoint and logged as the W&B config (not passed to instantiate, which would
+    # build its _target_s). save_hyperparameters, not hparams[...] =: loggers log the initial hparams.
+    module.save_hyperparameters({"run_config": OmegaConf.to_container(cfg, resolve=True)})
     loggers = build_loggers(cfg)
-    trainer = hydra.utils.instantiate(
+    trainer = instantiate(
         cfg.trainer, strategy=build_strategy(dp, tp), callbacks=build_callbacks(cfg), logger=loggers or False
     )
     try:
@@ -110,9 +139,11 @@ def _finish_wandb(loggers: list) -> None:
 
     if wandb.run is not None:
         wandb.finish()
+        # finish() can return before the offline run file is complete; teardown waits for it.
+        wandb.teardown()
 
 
-def _report(cfg: DictConfig, trainer: L.Trainer, loggers: list, metrics: dict[str, float]) -> None:
+def _report(cfg: DictConfig, trainer: "L.Trainer", loggers: list, metrics: dict[str, float]) -> None:
     out = Path(cfg.paths.output_dir)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
     lines = [f"run directory: {out}"]

@@ -47,7 +47,8 @@ class BucketBatchSampler(Sampler[list[int]]):
     pools and shuffled per epoch; replica ``rank`` takes its contiguous slice of each.
     So dp=2 with batch_size b sees the same global batches as dp=1 with batch_size 2b.
     Every replica gets the same number of batches (collectives stay in lockstep): with
-    ``drop_last=False`` the last global batch is topped up by cycling from the start.
+    ``drop_last=False`` a short last global batch is topped up to a multiple of
+    ``num_replicas`` (at most num_replicas - 1 repeated examples; none on one device).
     """
 
     def __init__(
@@ -91,7 +92,9 @@ class BucketBatchSampler(Sampler[list[int]]):
             if len(b) < size:
                 if self.drop_last and batches:
                     continue
-                b = b + [order[j % n] for j in range(size - len(b))]
+                # Top up only to a multiple of num_replicas: replicas get equal slices, and
+                # on one device every example is scored exactly once.
+                b = b + [order[j % n] for j in range(-len(b) % self.num_replicas)]
             batches.append(sorted(b, key=lambda i: self.lengths[i]))
         if self.shuffle:
             rng.shuffle(batches)
@@ -99,9 +102,9 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         start, self._start = self._start, 0
-        b = self.batch_size
         for batch in self._global_batches()[start:]:
-            yield batch[self.rank * b : (self.rank + 1) * b]
+            per = len(batch) // self.num_replicas
+            yield batch[self.rank * per : (self.rank + 1) * per]
 
     def __len__(self) -> int:
         return len(self._global_batches())

@@ -155,7 +155,7 @@ class TextDataModule(Seq2SeqDataModule):
     def _read(self, split: str) -> list[tuple[str, str]]:
         from mha_lightning.data.text import read_parallel_text
 
-        return read_parallel_text(**self.files[split])
+        return read_parallel_text(**self.files[split], split=split)
 
     def prepare_data(self) -> None:
         from mha_lightning.data.tokenizer import load_or_train_tokenizer
@@ -184,10 +184,11 @@ class TextDataModule(Seq2SeqDataModule):
                 continue
             encoded = [(self.tokenizer.encode(s), self.tokenizer.encode(t)) for s, t in self._read(split)]
             # Evaluation keeps every sentence (truncated to the model's reach); training filters.
+            # Targets too: the teacher-forced val/test loss feeds BOS + target to the decoder.
             if split == "train":
                 encoded, _ = filter_by_length(encoded, self.min_len, self.max_len)
             else:
-                encoded = [(s[: self.max_len], t) for s, t in encoded]
+                encoded = [(s[: self.max_len], t[: self.max_len]) for s, t in encoded]
             self.splits[split] = encoded
         if "test" not in self.splits:
             self.splits["test"] = self.splits["val"]

@@ -1,0 +1,276 @@
+"""Seq2SeqTransformer: masking, causality, head_dim, decoding, config validation, init."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from mha_lightning.data.batching import collate
+from mha_lightning.data.vocab import BOS_ID, EOS_ID, PAD_ID
+from mha_lightning.errors import ConfigError
+from mha_lightning.model import Seq2SeqTransformer
+
+TINY = dict(vocab_size=20, d_model=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, ffn_dim=64,
+            dropout=0.0, attention_dropout=0.0, max_len=32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matrices: one thread is faster, and immune to other processes on a 2-core box.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(seed: int = 0, **overrides) -> Seq2SeqTransformer:
+    torch.manual_seed(seed)
+    return Seq2SeqTransformer(**{**TINY, **overrides}).eval()
+
+
+def all_attention(model):
+    return [a for mods in model.attention_layers().values() for a in mods]
+
+
+def force_explicit_path(model) -> list[int]:
+    """Install a no-op observer everywhere (the explicit softmax path); returns call counters."""
+    calls = []
+    for i, attn in enumerate(all_attention(model)):
+        calls.append(0)
+
+        def observe(probs, query_valid, mask, i=i):
+            assert not torch.isnan(probs).any()
+            calls[i] += 1
+
+        attn.observer = observe
+    return calls
+
+
+# Three sentences of different lengths (ids 4..19 are symbols): the first is the shortest.
+PAIRS = [([5, 6, 7], [7, 6]), ([8, 9, 10, 11, 12, 13, 14], [14, 13, 12, 11, 10]), ([15, 16, 17, 18, 19], [4, 5, 6, 7])]
+
+
+# ----------------------------------------------------------------------------- padding
+@pytest.mark.parametrize("norm_first", [True, False], ids=["pre_ln", "post_ln"])
+@pytest.mark.parametrize("explicit", [False, True], ids=["sdpa", "explicit"])
+def test_padding_does_not_change_outputs(norm_first, explicit):
+    model = tiny(norm_first=norm_first)
+    calls = force_explicit_path(model) if explicit else None
+    batch = collate(PAIRS)
+    with torch.no_grad():
+        memory, src_valid = model.encode(batch["src"])
+        logits = model(batch["src"], batch["tgt_in"])
+        for i, pair in enumerate(PAIRS):
+            alone = collate([pair])
+            S, T = alone["src"].shape[1], alone["tgt_in"].shape[1]
+            mem_alone, _ = model.encode(alone["src"])
+            assert_close(memory[i, :S], mem_alone[0], atol=1e-5, rtol=0)
+            assert_close(logits[i, :T], model(alone["src"], alone["tgt_in"])[0], atol=1e-5, rtol=0)
+    # The shortest sentence really was padded in the batch.
+    assert (batch["src"][0] == PAD_ID).sum() == 4 and (batch["tgt_in"][0] == PAD_ID).sum() == 3
+    assert src_valid.tolist()[0] == [True] * 4 + [False] * 4
+    if explicit:
+        assert all(c > 0 for c in calls), calls  # every attention module took the explicit path
+
+
+@pytest.mark.parametrize("norm_first", [True, False], ids=["pre_ln", "post_ln"])
+def test_sdpa_path_equals_explicit_path(norm_first):
+    model = tiny(norm_first=norm_first)
+    batch = collate(PAIRS)
+    with torch.no_grad():
+        fast = model(batch["src"], batch["tgt_in"])
+        calls = force_explicit_path(model)
+        explicit = model(batch["src"], batch["tgt_in"])
+    assert all(c == 1 for c in calls), calls
+    valid = batch["tgt_in"] != PAD_ID
+    assert_close(explicit[valid], fast[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_explicit_probabilities_respect_masks():
+    model = tiny()
+    seen = {}
+    for kind, mods in model.attention_layers().items():
+        def observe(probs, query_valid, mask, kind=kind):
+            seen.setdefault(kind, (probs, query_valid, mask))
+
+        for attn in mods:
+            attn.observer = observe
+    batch = collate(PAIRS)
+    with torch.no_grad():
+        model(batch["src"], batch["tgt_in"])
+    B, S, T = 3, batch["src"].shape[1], batch["tgt_in"].shape[1]
+    src_valid = batch["src"] != PAD_ID
+    for kind, (probs, query_valid, mask) in seen.items():
+        assert probs.dtype == torch.float32 and probs.shape[:2] == (B, 4)
+        Tk = probs.shape[-1]
+        assert Tk == (T if kind == "dec_self" else S)
+        # Rows are distributions, and masked keys get exactly zero probability.
+        assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
+        assert (probs.masked_select(~mask.unsqueeze(1).expand_as(probs)) == 0).all()
+    _, _, enc_mask = seen["enc_self"]
+    assert torch.equal(enc_mask[:, 0], src_valid)
+    probs, _, _ = seen["dec_self"]
+    assert (probs.triu(diagonal=1) == 0).all()  # causal
+
+
+# ----------------------------------------------------------------------------- causality
+@pytest.mark.parametrize("norm_first", [True, False], ids=["pre_ln", "post_ln"])
+def test_decoder_is_causal(norm_first):
+    model = tiny(norm_first=norm_first)
+    src = torch.tensor([[5, 6, 7, 8, EOS_ID]])
+    tgt = torch.tensor([[BOS_ID, 9, 10, 11, 12, 13]])
+    changed = tgt.clone()
+    t = 3
+    changed[0, t + 1:] = torch.tensor([17, 4])
+    with torch.no_grad():
+        a, b = model(src, tgt), model(src, changed)
+    assert_close(a[0, : t + 1], b[0, : t + 1], atol=1e-5, rtol=0)
+    assert (a[0, t + 1:] - b[0, t + 1:]).abs().max() > 1e-3  # later positions do see the change
+
+
+# ----------------------------------------------------------------------------- head_dim
+def test_head_dim_independent_of_d_model_trains():
+    model = tiny(head_dim=16).train()
+    attn = model.encoder_layers[0].self_attn
+    assert attn.head_dim == 16 and model.config.head_dim == 16
+    for a in all_attention(model):
+        assert a.q.weight.shape == (64, 32) and a.k.weight.shape == (64, 32) and a.v.weight.shape == (64, 32)
+        assert a.o.weight.shape == (32, 64)
+    batch = collate(PAIRS)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        logits = model(batch["src"], batch["tgt_in"])
+        loss = F.cross_entropy(logits.flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=PAD_ID)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+    # The explicit path agrees with SDPA for this shape too (scale is 1/sqrt(head_dim), not d_model/heads).
+    model.eval()
+    with torch.no_grad():
+        fast = model(batch["src"], batch["tgt_in"])
+        force_explicit_path(model)
+        assert_close(model(batch["src"], batch["tgt_in"]), fast, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- decoding
+DECODE_PAIRS = [([5, 6], [6, 5]), ([7, 8, 9, 10, 11], [11, 10, 9, 8, 7]), ([12, 13, 14], [14, 13, 12])]
+
+
+@pytest.fixture(scope="module")
+def reverser():
+    """A tiny model overfitted to reverse three sentences of different lengths."""
+    torch.set_num_threads(1)
+    model = tiny(vocab_size=16).train()
+    batch = collate(DECODE_PAIRS)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        logits = model(batch["src"], batch["tgt_in"])
+        loss = F.cross_entropy(logits.flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=PAD_ID)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+    return model.eval(), batch
+
+
+def test_greedy_stops_early_and_pads_after_eos(reverser):
+    model, batch = reverser
+    out = model.greedy_decode(batch["src"], max_len=20, bos_id=BOS_ID, eos_id=EOS_ID)
+    # Stops as soon as every row has emitted EOS: longest target (5) + EOS, not max_len.
+    assert out.shape == (3, 6)
+    assert torch.equal(out, batch["tgt_out"])
+    assert out[0].tolist() == [6, 5, EOS_ID, PAD_ID, PAD_ID, PAD_ID]
+    # Never more than max_len tokens.
+    assert model.greedy_decode(batch["src"], max_len=2, bos_id=BOS_ID, eos_id=EOS_ID).shape == (3, 2)
+
+
+def test_beam_size_one_equals_greedy(reverser):
+    model, batch = reverser
+    greedy = model.greedy_decode(batch["src"], 20, BOS_ID, EOS_ID)
+    beam = model.beam_decode(batch["src"], 20, BOS_ID, EOS_ID, beam_size=1)
+    assert torch.equal(beam, greedy)
+    # Also on an untrained model, where the argmax is far from certain.
+    untrained = tiny(seed=3)
+    src = collate(PAIRS)["src"]
+    g = untrained.greedy_decode(src, 7, BOS_ID, EOS_ID)
+    assert torch.equal(untrained.beam_decode(src, 7, BOS_ID, EOS_ID, beam_size=1, length_penalty=0.0), g)
+
+
+def test_beam_output_shapes_and_content(reverser):
+    model, batch = reverser
+    out = model.beam_decode(batch["src"], 20, BOS_ID, EOS_ID, beam_size=4)
+    assert out.dtype == torch.long and out.shape[0] == 3 and 6 <= out.shape[1] <= 20
+    ref = batch["tgt_out"]
+    assert torch.equal(out[:, : ref.shape[1]], ref)
+    assert (out[:, ref.shape[1]:] == PAD_ID).all()
+    # Untrained model: at most max_len tokens per row, ids within the vocabulary.
+    untrained = tiny(seed=1)
+    src = collate(PAIRS)["src"]
+    for k in (1, 3):
+        out = untrained.beam_decode(src, 5, BOS_ID, EOS_ID, beam_size=k)
+        assert out.shape[0] == 3 and out.shape[1] <= 5
+        assert ((out >= 0) & (out < TINY["vocab_size"])).all()
+    # max_len is capped by the model's positional range (BOS takes one position).
+    assert untrained.greedy_decode(src, 100, BOS_ID, EOS_ID).shape[1] <= TINY["max_len"] - 1
+
+
+# ----------------------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"d_model": 0}, "model.d_model"),
+        ({"num_heads": 0}, "model.num_heads"),
+        ({"d_model": 30, "num_heads": 4}, "model.d_model"),
+        ({"d_model": 30, "num_heads": 4}, "model.num_heads"),
+        ({"activation": "swish"}, "model.activation"),
+        ({"head_dim": 0}, "model.head_dim"),
+        ({"vocab_size": -1}, "model.vocab_size"),
+        ({"positional": "rotary"}, "model.positional"),
+        ({"dropout": 1.0}, "model.dropout"),
+        ({"num_encoder_layers": 0}, "model.num_encoder_layers"),
+    ],
+)
+def test_invalid_config_raises_config_error_naming_key(overrides, key):
+    with pytest.raises(ConfigError) as info:
+        Seq2SeqTransformer(**{**TINY, **overrides})
+    message = str(info.value)
+    assert key in message
+    assert "\n" not in message
+
+
+def test_d_model_not_divisible_is_fine_with_explicit_head_dim():
+    model = tiny(d_model=30, num_heads=4, head_dim=8)
+    assert model.encoder_layers[0].self_attn.q.weight.shape == (32, 30)
+    src = collate(PAIRS)
+    assert model(src["src"], src["tgt_in"]).shape == (3, src["tgt_in"].shape[1], TINY["vocab_size"])
+
+
+# ----------------------------------------------------------------------------- init
+def test_token_embedding_init_scale_and_pad_row():
+    torch.manual_seed(0)
+    model = Seq2SeqTransformer(**{**TINY, "vocab_size": 2000, "share_embeddings": False})
+    for emb in (model.src_embed.tokens, model.tgt_embed.tokens):
+        w = emb.weight.detach()
+        assert emb.padding_idx == PAD_ID
+        assert (w[PAD_ID] == 0).all()
+        std = w[PAD_ID + 1:].std().item()
+        # N(0, 1/d_model): 1999 * 32 samples, the estimate is within ~1% of 32**-0.5 = 0.177.
+        assert abs(std - 32**-0.5) < 0.05 * 32**-0.5, std
+    assert model.src_embed.tokens is not model.tgt_embed.tokens
+    assert model.output.weight is not model.tgt_embed.tokens.weight
+
+
+def test_shared_embeddings_tie_source_target_and_output():
+    model = tiny()
+    assert model.src_embed.tokens is model.tgt_embed.tokens
+    assert model.output.weight is model.tgt_embed.tokens.weight
+    names = [n for n, _ in model.named_parameters()]
+    assert sum("tokens.weight" in n or n == "output.weight" for n in names) == 1
+    # The scaled embedding of a real token has roughly unit RMS per coordinate (Vaswani et al.).
+    emb = model.src_embed.tokens.weight[4:] * model.src_embed.scale
+    assert 0.7 < emb.pow(2).mean().sqrt().item() < 1.3
