@@ -17,14 +17,24 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    parallelize_module,
+)
 
 from mha_lightning.errors import ConfigError
 
 
-def attention_plan(prefix: str) -> dict:
+def attention_plan(prefix: str, cross: bool = False) -> dict:
+    # The attention's inputs enter as one replicated DTensor each, so the input gradients of
+    # q, k and v add up as partial sums and are all-reduced once per input, not once per Linear.
+    # Positional inputs: (x, memory, mask, query_valid); memory is None in self-attention.
+    layouts = (Replicate(), Replicate() if cross else None, None, None)
     return {
+        prefix: PrepareModuleInput(input_layouts=layouts, desired_input_layouts=layouts, use_local_output=False),
         f"{prefix}.q": ColwiseParallel(),
         f"{prefix}.k": ColwiseParallel(),
         f"{prefix}.v": ColwiseParallel(),
@@ -41,7 +51,7 @@ def encoder_layer_plan() -> dict:
 
 
 def decoder_layer_plan() -> dict:
-    return {**attention_plan("self_attn"), **attention_plan("cross_attn"), **ffn_plan()}
+    return {**attention_plan("self_attn"), **attention_plan("cross_attn", cross=True), **ffn_plan()}
 
 
 def validate_parallel_config(
