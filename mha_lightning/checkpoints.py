@@ -33,6 +33,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read checkpoint {path} ({reason}); is it a mha-train checkpoint?") from e
 
 
+def run_config(path: str | Path) -> dict[str, Any]:
+    """The resolved run config saved with a checkpoint, reading as little as possible."""
+    path = Path(path)
+    if path.is_dir():
+        from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+        meta = path / _METADATA_FILENAME
+        checkpoint = torch.load(meta, map_location="cpu", weights_only=False) if meta.is_file() else {}
+    else:
+        checkpoint = load_checkpoint(path)
+    return (checkpoint.get("hyper_parameters") or {}).get("run_config") or {}
+
+
 def model_state(checkpoint: dict[str, Any], path: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
     state = checkpoint.get("state_dict")
     if not isinstance(state, dict):

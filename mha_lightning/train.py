@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,22 @@ def check_lengths(cfg: DictConfig) -> None:
             f"data.max_len ({data_max}) + 1 (BOS/EOS) exceeds model.max_len ({model_max}); "
             "raise model.max_len or lower data.max_len"
         )
+
+
+def reuse_tokenizer(cfg: DictConfig) -> None:
+    """A resumed or initialised run tokenizes exactly as its checkpoint did: copy the
+    checkpoint's tokenizer into this run instead of training a new one."""
+    source = cfg.get("ckpt_path") or cfg.get("init_from")
+    target = cfg.data.get("tokenizer_path")
+    if not source or not target or Path(target).exists():
+        return
+    from mha_lightning.checkpoints import run_config
+
+    previous = (run_config(source).get("data") or {}).get("tokenizer_path")
+    if previous and Path(previous).is_file():
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(previous, target)
+        log.info("reusing the tokenizer of %s: %s", source, previous)
 
 
 def parallel_sizes(cfg: DictConfig) -> tuple[int, int]:
@@ -96,9 +113,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_lengths(cfg)
     _check_path("ckpt_path", cfg.get("ckpt_path"))
     _check_path("init_from", cfg.get("init_from"))
+    if "LOCAL_RANK" not in os.environ or os.environ.get("LOCAL_RANK") == "0":
+        reuse_tokenizer(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
+    datamodule.check_inputs()
     if dp * tp > 1 and "LOCAL_RANK" not in os.environ:
         # Read the data (train the tokenizer) before any worker exists: a bad file then stops this one
         # process with one line, not rank 0 alone while the others fail in a barrier with a traceback.
@@ -143,7 +163,7 @@ def _finish_wandb(loggers: list) -> None:
         wandb.teardown()
 
 
-def _report(cfg: DictConfig, trainer: "L.Trainer", loggers: list, metrics: dict[str, float]) -> None:
+def _report(cfg: DictConfig, trainer, loggers: list, metrics: dict[str, float]) -> None:
     out = Path(cfg.paths.output_dir)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
     lines = [f"run directory: {out}"]

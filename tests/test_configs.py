@@ -36,14 +36,6 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def instantiate_run(cfg):
     """Build every component the way `mha-train` does (without fitting)."""
     dp, tp = parallel_sizes(cfg)

@@ -16,15 +16,6 @@ TINY = dict(vocab_size=20, d_model=32, num_heads=4, num_encoder_layers=2, num_de
             dropout=0.0, attention_dropout=0.0, max_len=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: one thread is faster, and immune to other processes on a 2-core box.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(seed: int = 0, **overrides) -> Seq2SeqTransformer:
     torch.manual_seed(seed)
     return Seq2SeqTransformer(**{**TINY, **overrides}).eval()

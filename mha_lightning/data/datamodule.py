@@ -44,6 +44,9 @@ class Seq2SeqDataModule(L.LightningDataModule):
     def vocab_size(self) -> int:
         raise NotImplementedError
 
+    def check_inputs(self) -> None:
+        """Cheap checks (files exist) run by every rank before training, so all stop alike."""
+
     def detokenize(self, ids: Sequence[int]) -> str:
         """Token ids (stopping at EOS) -> the text that BLEU/chrF and hypothesis files see."""
         ids = strip_ids(ids)
@@ -152,6 +155,13 @@ class TextDataModule(Seq2SeqDataModule):
     def vocab_size(self) -> int:
         return self._vocab_size
 
+    def check_inputs(self) -> None:
+        from mha_lightning.data.text import check_parallel_files
+
+        for split, files in self.files.items():
+            if files is not None:
+                check_parallel_files(**files, split=split)
+
     def _read(self, split: str) -> list[tuple[str, str]]:
         from mha_lightning.data.text import read_parallel_text
 
@@ -169,18 +179,19 @@ class TextDataModule(Seq2SeqDataModule):
         from mha_lightning.data.text import filter_by_length
         from mha_lightning.data.tokenizer import BPETokenizer
 
-        if self.splits:
-            return
-        if not self.tokenizer_path.exists():
-            self.prepare_data()
-        self.tokenizer = BPETokenizer.load(self.tokenizer_path)
-        if self.tokenizer.vocab_size > self._vocab_size:
-            raise ConfigError(
-                f"tokenizer {self.tokenizer_path} has {self.tokenizer.vocab_size} tokens but data.vocab_size is "
-                f"{self._vocab_size}; raise data.vocab_size or delete the tokenizer file to retrain it"
-            )
-        for split in SPLITS:
-            if self.files[split] is None:
+        if self.tokenizer is None:
+            if not self.tokenizer_path.exists():
+                self.prepare_data()
+            self.tokenizer = BPETokenizer.load(self.tokenizer_path)
+            if self.tokenizer.vocab_size > self._vocab_size:
+                raise ConfigError(
+                    f"tokenizer {self.tokenizer_path} has {self.tokenizer.vocab_size} tokens but data.vocab_size "
+                    f"is {self._vocab_size}; raise data.vocab_size or delete the tokenizer file to retrain it"
+                )
+        # Evaluation (mha-eval, trainer.test) needs neither the training files nor their encoding.
+        wanted = ["val", "test"] if stage in ("validate", "test", "predict") else list(SPLITS)
+        for split in wanted:
+            if split in self.splits or self.files[split] is None:
                 continue
             encoded = [(self.tokenizer.encode(s), self.tokenizer.encode(t)) for s, t in self._read(split)]
             # Evaluation keeps every sentence (truncated to the model's reach); training filters.
@@ -190,7 +201,7 @@ class TextDataModule(Seq2SeqDataModule):
             else:
                 encoded = [(s[: self.max_len], t[: self.max_len]) for s, t in encoded]
             self.splits[split] = encoded
-        if "test" not in self.splits:
+        if self.files["test"] is None:
             self.splits["test"] = self.splits["val"]
 
     def detokenize(self, ids: Sequence[int]) -> str:

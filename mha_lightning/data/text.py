@@ -147,6 +147,23 @@ def read_parallel_text(
             aligned files of different lengths, a TSV line without exactly one tab,
             bytes that are not UTF-8, or no non-empty pairs at all.
     """
+    paths = check_parallel_files(src, tgt, tsv, split=split)
+    if len(paths) == 1:
+        return _read_tsv(paths[0], split)
+    return _read_aligned(paths[0], paths[1], split)
+
+
+def check_parallel_files(
+    src: PathLike | None = None,
+    tgt: PathLike | None = None,
+    tsv: PathLike | None = None,
+    *,
+    split: str | None = None,
+) -> tuple[Path, ...]:
+    """Check, without reading, that a split names existing files: (tsv,) or (src, tgt).
+
+    Cheap enough to run on every rank at start-up, so a bad path stops every process
+    with the same one line instead of leaving the others waiting in a barrier."""
     have_aligned = src is not None or tgt is not None
     if have_aligned and tsv is not None:
         raise DataError(
@@ -156,7 +173,7 @@ def read_parallel_text(
     if tsv is not None:
         path = Path(tsv)
         _check_file(path, split)
-        return _read_tsv(path, split)
+        return (path,)
     if src is None or tgt is None:
         if not have_aligned:
             raise DataError(
@@ -171,7 +188,7 @@ def read_parallel_text(
     src_path, tgt_path = Path(src), Path(tgt)
     _check_file(src_path, split)
     _check_file(tgt_path, split)
-    return _read_aligned(src_path, tgt_path, split)
+    return src_path, tgt_path
 
 
 def filter_by_length(

@@ -1,0 +1,39 @@
+"""The learning check: the tiny model learns `reverse` to >= 99% sequence exact-match.
+
+experiment=reverse_tiny uses the cosine schedule: with inverse-sqrt alone (no decay) the
+exact-match swings by several points between validations (test split: seed 0 1.000,
+seed 1 0.956, seed 2 0.970); with cosine, seeds 0-2 reach 1.000 and stay from ~step 1200."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from mha_lightning import evaluate
+from mha_lightning.train import train
+
+pytestmark = pytest.mark.slow
+
+
+def test_tiny_model_learns_reverse(make_cfg, capsys):
+    cfg = make_cfg("experiment=reverse_tiny", "monitor.enabled=false", "logger=csv",
+                   "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false")
+    run = Path(cfg.paths.output_dir)
+    start = time.monotonic()
+    metrics = train(cfg)
+    elapsed = time.monotonic() - start
+
+    curve = [(int(r["step"]) + 1, float(r["val/exact_match"]))
+             for r in csv.DictReader(next(run.glob("csv/version_*/metrics.csv")).open()) if r["val/exact_match"]]
+    print(f"reverse_tiny + cosine: {cfg.trainer.max_steps} steps in {elapsed:.0f}s; val exact-match {curve}")
+    assert metrics["test/exact_match"] >= 0.99, curve
+
+    # mha-eval on the saved checkpoint agrees: the learned weights are what was saved.
+    capsys.readouterr()
+    assert evaluate.main([str(run / "checkpoints" / "last.ckpt"), "--split", "test"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 500 and result["exact_match"] >= 0.99, result

@@ -1,0 +1,247 @@
+"""Tensor-parallel (tp=2) runs through the real CLI: two gloo processes per run.
+
+Lightning's launcher re-runs sys.argv to start the second process, so these runs are
+subprocesses (`python -m mha_lightning.train ...`), never `train(cfg)` inside pytest."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import cli_env, compose_train_config
+from mha_lightning import evaluate
+from mha_lightning.checkpoints import consolidate_main, load_checkpoint
+from mha_lightning.monitor.wandb_offline import find_run_files, read_history, read_run_info
+from mha_lightning.train import METRICS_FILE, train
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+QUIET = ["monitor.enabled=false", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+TP2 = ["trainer.devices=2", "parallel.tensor_parallel_size=2"]
+SMALL = ["data.num_val=100", "data.num_test=100"]
+# Validate (and so checkpoint) every 5 steps; every training step in the CSV log.
+LOGGED = ["trainer.log_every_n_steps=1", "trainer.val_check_interval=5"]
+
+
+def mha_train(run_dir: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mha_lightning.train", *QUIET, *overrides, f"hydra.run.dir={run_dir}"]
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(cmd, cwd=run_dir.parent, env=cli_env(run_dir.parent), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def train_rows(run_dir: Path, version: int | None = None) -> dict[int, tuple[float, float]]:
+    """step -> (train/loss, train/lr) from the CSV logger."""
+    pattern = f"csv/version_{version}/metrics.csv" if version is not None else "csv/version_*/metrics.csv"
+    rows = {}
+    for path in sorted(run_dir.glob(pattern)):
+        for row in csv.DictReader(path.open()):
+            if row["train/loss"]:
+                rows[int(row["step"])] = (float(row["train/loss"]), float(row["train/lr"]))
+    return rows
+
+
+def launch_torchrun(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """scripts/launch_torchrun.sh: 1 node x 2 processes started by torchrun, not by Lightning."""
+    env = {**cli_env(run_dir.parent), "RUN_DIR": str(run_dir), "NNODES": "1", "NPROC": "2", "TP": "2"}
+    cmd = ["bash", str(SCRIPTS / "launch_torchrun.sh"), *QUIET, *overrides]
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tp2_runs(tmp_path_factory):
+    """A: 10 steps at tp=2, uninterrupted, greedy, CSV + W&B, launched by scripts/launch_torchrun.sh.
+    B: 5 steps, then resumed to 10 from its sharded last.ckpt with beam search; both parts
+    launched by Lightning itself (`python -m mha_lightning.train trainer.devices=2 ...`)."""
+    root = tmp_path_factory.mktemp("tp2")
+    a, b = root / "A", root / "B"
+    runs = {"A": ok(launch_torchrun(a, *SMALL, *LOGGED, "logger=[csv,wandb]", "trainer.max_steps=10"))}
+    runs["B1"] = ok(mha_train(b, *TP2, *SMALL, *LOGGED, "logger=csv", "trainer.max_steps=5", "test=false"))
+    runs["B2"] = ok(mha_train(b, *TP2, *SMALL, *LOGGED, "logger=csv", "trainer.max_steps=10",
+                              "module.decoding.strategy=beam",
+                              f"ckpt_path={b / 'checkpoints' / 'last.ckpt'}"))
+    return a, b, runs
+
+
+def test_tp2_trains_validates_tests_and_saves_sharded(tp2_runs):
+    a, _, runs = tp2_runs
+    out = runs["A"].stdout
+    assert "rank 0: mesh (dp=1, tp=2) at (dp_rank=0, tp_rank=0); holds 2/4 heads [0-1] of every attention layer" in out
+    assert "rank 1: mesh (dp=1, tp=2) at (dp_rank=0, tp_rank=1); holds 2/4 heads [2-3] of every attention layer" in out
+
+    metrics = json.loads((a / METRICS_FILE).read_text())
+    for key in ("val/loss", "val/exact_match", "test/loss", "test/exact_match", "test/acc"):
+        assert math.isfinite(metrics[key]), key
+    losses = train_rows(a)
+    assert sorted(losses) == list(range(10))
+    assert losses[9][0] < losses[0][0]
+
+    # The resolved config Hydra saved is the tp=2 one.
+    saved = yaml.safe_load((a / ".hydra" / "config.yaml").read_text())
+    assert saved["parallel"]["tensor_parallel_size"] == 2 and saved["trainer"]["devices"] == 2
+
+    # Only global rank 0 talks to W&B: one offline run, every step once, the tp=2 config.
+    (run_file,) = find_run_files(a / "wandb")
+    history = [r for r in read_history(run_file) if "train/loss" in r]
+    assert [r["trainer/global_step"] for r in history] == list(range(10))
+    assert [r["train/loss"] for r in history] == [losses[s][0] for s in range(10)]
+    assert read_run_info(run_file)["config"]["run_config"]["parallel"]["tensor_parallel_size"] == 2
+
+    last = a / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and (last / ".metadata").is_file(), "expected a sharded (DCP) checkpoint folder"
+    assert sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    ckpt = load_checkpoint(last)
+    assert ckpt["global_step"] == 10
+    # Loaded whole: every q projection has all 4 heads' rows again.
+    q = ckpt["state_dict"]["model.encoder_layers.0.self_attn.q.weight"]
+    assert tuple(q.shape) == (64, 64)
+
+
+def test_tp2_resume_matches_uninterrupted(tp2_runs):
+    """Also: torchrun (A) and Lightning's own launcher (B) give the same numbers."""
+    a, b, _ = tp2_runs
+    full, resumed = train_rows(a), train_rows(b, version=1)
+    assert sorted(resumed) == list(range(5, 10)), "the resumed run must continue at step 5"
+    for step in range(5, 10):
+        assert resumed[step] == full[step], f"step {step}: resumed {resumed[step]} != uninterrupted {full[step]}"
+
+
+def test_tp2_beam_search_validates_and_tests(tp2_runs):
+    _, b, runs = tp2_runs
+    metrics = json.loads((b / METRICS_FILE).read_text())
+    assert math.isfinite(metrics["test/exact_match"]) and math.isfinite(metrics["val/exact_match"])
+    assert "test/exact_match" in runs["B2"].stdout
+    ckpt = load_checkpoint(b / "checkpoints" / "last.ckpt")
+    assert ckpt["hyper_parameters"]["decoding"]["strategy"] == "beam"
+    assert ckpt["global_step"] == 10
+
+
+def test_consolidated_checkpoint_evaluates_like_the_sharded_one(tp2_runs, tmp_path, capsys):
+    a, _, _ = tp2_runs
+    sharded = a / "checkpoints" / "last.ckpt"
+    single = tmp_path / "consolidated.ckpt"
+    assert consolidate_main([str(sharded), str(single)]) == 0
+    assert single.is_file()
+    state = torch.load(single, map_location="cpu", weights_only=False)["state_dict"]
+    assert all(type(t) is torch.Tensor for t in state.values())  # no DTensors left
+
+    capsys.readouterr()
+    results = {}
+    for name, path in (("single", single), ("sharded", sharded)):
+        out = tmp_path / f"{name}.hyp.txt"
+        assert evaluate.main([str(path), "--split", "test", "--output", str(out)]) == 0
+        results[name] = json.loads(capsys.readouterr().out)
+        results[name].pop("hypotheses")
+    assert results["single"] == results["sharded"]
+    assert results["single"]["n"] == 100
+    assert (tmp_path / "single.hyp.txt").read_text() == (tmp_path / "sharded.hyp.txt").read_text()
+    # The same weights scored at tp=2 during training (greedy): same exact-match.
+    assert results["single"]["exact_match"] == json.loads((a / METRICS_FILE).read_text())["test/exact_match"]
+
+
+def test_single_device_checkpoint_initialises_tp2_run(tmp_path):
+    """init_from a tp=1 checkpoint: the tp=2 model, before any training step, scores exactly
+    what the tp=1 model scored on the test split (a model ignoring init_from would not)."""
+    single = tmp_path / "single"
+    reference = train(compose_train_config(single, [*QUIET, *SMALL, "logger=none", "trainer.max_steps=10",
+                                                    "trainer.val_check_interval=10"]))
+    run = tmp_path / "tp2"
+    proc = ok(mha_train(run, *TP2, *SMALL, "logger=none", f"init_from={single / 'checkpoints' / 'last.ckpt'}",
+                        "+trainer.limit_train_batches=0"))
+    assert "holds 2/4 heads [2-3]" in proc.stdout
+    sharded = json.loads((run / METRICS_FILE).read_text())
+    for key in ("test/loss", "test/acc", "test/exact_match"):
+        torch.testing.assert_close(torch.tensor(sharded[key]), torch.tensor(reference[key]), msg=key)
+
+
+def _leftover_processes(marker: str) -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            found.append(f"{pid}: {cmdline}")
+    return found
+
+
+@pytest.mark.parametrize(
+    "overrides, needles",
+    [
+        (["model.num_heads=3", *TP2], ["model.num_heads (3)", "tensor_parallel_size (2)"]),
+        (["parallel.data_parallel_size=2", *TP2], ["data_parallel_size (2)", "tensor_parallel_size (2)",
+                                                   "trainer.devices (2)"]),
+        (["model.ffn_dim=63", *TP2], ["model.ffn_dim (63)", "tensor_parallel_size (2)"]),
+        (["parallel.tensor_parallel_size=8", "trainer.devices=8"], ["tensor_parallel_size (8)", "num_heads (4)"]),
+    ],
+    ids=["heads_not_divisible", "dp_x_tp_not_devices", "ffn_not_divisible", "tp_above_heads"],
+)
+def test_bad_parallel_config_fails_before_spawning(overrides, needles, tmp_path):
+    run = tmp_path / "bad_parallel_run"
+    start = time.monotonic()
+    proc = mha_train(run, *overrides, "logger=none", timeout=60)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert "Initializing distributed" not in proc.stdout + proc.stderr
+    assert elapsed < 15, f"took {elapsed:.1f}s: it should fail before any worker starts"
+    assert not _leftover_processes(str(run)), _leftover_processes(str(run))
+
+
+def test_missing_text_file_fails_before_spawning(tmp_path):
+    from test_train import text_overrides, write_corpus
+
+    files = write_corpus(tmp_path / "corpus")
+    files["src"] = tmp_path / "corpus" / "no_such_file.de"
+    run = tmp_path / "bad_text_run"
+    proc = mha_train(run, *TP2, *text_overrides(files), "logger=none", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(files["src"]) in errors[0], proc.stderr[-3000:]
+    assert "Initializing distributed" not in proc.stdout + proc.stderr
+    assert not _leftover_processes(str(run))
+
+
+@pytest.mark.slow
+def test_sweep_runs_each_two_process_job_once(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "mha_lightning.train", "-m", *QUIET, *TP2, "trainer.max_steps=4,6",
+           "logger=csv", "trainer.log_every_n_steps=1", "trainer.val_check_interval=2", "test=false",
+           "data.num_val=50", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=560)
+    ok(proc)
+    assert (proc.stdout + proc.stderr).count("Launching 2 jobs locally") == 1
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    for job, steps in (("0", 4), ("1", 6)):
+        d = sweep / job
+        assert yaml.safe_load((d / "job_config.yaml").read_text())["trainer"]["max_steps"] == steps
+        metrics = json.loads((d / METRICS_FILE).read_text())
+        assert math.isfinite(metrics["val/loss"])
+        # Ran exactly once (a second run would add csv/version_1), for exactly its own steps.
+        assert [p.name for p in (d / "csv").iterdir()] == ["version_0"]
+        assert sorted(train_rows(d)) == list(range(steps))
+        assert "holds 2/4 heads [2-3]" in proc.stdout
+    assert not _leftover_processes(str(sweep))

@@ -1,0 +1,235 @@
+"""`train(cfg)` end to end on one device: checkpoints, real offline W&B, exact resume,
+`mha-eval`, parallel text with BPE, and bad input through the real CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import cli_env, compose_train_config
+from mha_lightning import evaluate
+from mha_lightning.data import SyntheticDataModule
+from mha_lightning.monitor.wandb_offline import find_run_files, read_history, read_run_info
+from mha_lightning.train import METRICS_FILE, train
+
+QUIET = ["monitor.enabled=false", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+SMALL_EVAL = ["data.num_val=100", "data.num_test=100"]
+
+
+def csv_train_rows(run_dir: Path, version: int | None = None) -> dict[int, tuple[float, float]]:
+    """step -> (train/loss, train/lr) from the CSV logger's file(s) in ``run_dir``."""
+    pattern = f"csv/version_{version}/metrics.csv" if version is not None else "csv/version_*/metrics.csv"
+    rows = {}
+    for path in sorted(run_dir.glob(pattern)):
+        for row in csv.DictReader(path.open()):
+            if row["train/loss"]:
+                rows[int(row["step"])] = (float(row["train/loss"]), float(row["train/lr"]))
+    return rows
+
+
+def test_end_to_end_with_offline_wandb(make_cfg, tmp_path):
+    cfg = make_cfg(*QUIET, *SMALL_EVAL, "data=reverse", "model=tiny", "logger=wandb", "trainer.max_steps=40",
+                   "trainer.val_check_interval=20", "trainer.log_every_n_steps=5")
+    run = Path(cfg.paths.output_dir)
+    metrics = train(cfg)
+
+    for key in ("val/loss", "val/exact_match", "val/acc", "test/loss", "test/exact_match"):
+        assert math.isfinite(metrics[key]), key
+    assert json.loads((run / METRICS_FILE).read_text()) == metrics
+
+    # Checkpoints: last and the single best (save_top_k=1, by val/loss), both at known steps.
+    ckpts = run / "checkpoints"
+    best = sorted(ckpts.glob("step*.ckpt"))
+    assert (ckpts / "last.ckpt").is_file() and len(best) == 1, sorted(p.name for p in ckpts.iterdir())
+    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 40
+    assert last["hyper_parameters"]["run_config"]["trainer"]["max_steps"] == 40
+    best_step = torch.load(best[0], map_location="cpu", weights_only=False)["global_step"]
+    assert best_step in (20, 40)
+
+    # What wandb wrote offline, read back from its run file.
+    (run_file,) = find_run_files(run / "wandb")
+    history = read_history(run_file)
+    train_rows = [r for r in history if "train/loss" in r]
+    # log_every_n_steps=5 over 40 steps: rows after optimizer steps 5, 10, ..., 40.
+    assert [r["trainer/global_step"] for r in train_rows] == list(range(4, 40, 5))
+    losses = [r["train/loss"] for r in train_rows]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
+    val_rows = [r for r in history if "val/loss" in r]
+    assert len(val_rows) == 2 and all("val/exact_match" in r for r in val_rows)
+    assert val_rows[-1]["val/loss"] == pytest.approx(metrics["val/loss"], rel=0, abs=0)
+    best_val = min(r["val/loss"] for r in val_rows)
+    assert best_step == [20, 40][[r["val/loss"] for r in val_rows].index(best_val)]
+    assert any("test/exact_match" in r for r in history)
+    info = read_run_info(run_file)
+    assert info["project"] == "mha_lightning"
+    assert info["config"]["model_config"]["num_heads"] == 4
+    assert info["config"]["run_config"]["data"]["task"] == "reverse"
+
+
+def test_resume_mid_epoch_continues_exactly(make_cfg, tmp_path):
+    """A run stopped at step 20 (mid-epoch) and resumed to 40 logs the same losses and learning
+    rates as an uninterrupted 40-step run: weights, optimizer, scheduler, step and data position
+    all come back."""
+    common = [*QUIET, "data.num_val=50", "data.num_test=50", "logger=csv", "trainer.log_every_n_steps=1",
+              "trainer.val_check_interval=20", "test=false"]
+    a, b = tmp_path / "A", tmp_path / "B"
+    train(compose_train_config(a, [*common, "trainer.max_steps=40"]))
+    train(compose_train_config(b, [*common, "trainer.max_steps=20"]))
+    stopped = torch.load(b / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    epoch_batches = len(SyntheticDataModule(num_train=20000, batch_size=64).train_dataloader())
+    assert stopped["global_step"] == 20 < epoch_batches  # really mid-epoch
+    train(compose_train_config(b, [*common, "trainer.max_steps=40", f"ckpt_path={b / 'checkpoints' / 'last.ckpt'}"]))
+
+    full, resumed = csv_train_rows(a), csv_train_rows(b, version=1)
+    assert sorted(full) == list(range(40))
+    assert sorted(resumed) == list(range(20, 40)), "the resumed run must start at step 20"
+    for step in range(20, 40):
+        assert resumed[step] == full[step], f"step {step}: resumed {resumed[step]} != uninterrupted {full[step]}"
+
+
+@pytest.fixture
+def short_run(make_cfg):
+    cfg = make_cfg(*QUIET, *SMALL_EVAL, "logger=none", "trainer.max_steps=20", "trainer.val_check_interval=20")
+    metrics = train(cfg)
+    return Path(cfg.paths.output_dir), metrics
+
+
+def test_eval_scores_a_checkpoint(short_run, capsys, tmp_path):
+    run, _ = short_run
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert evaluate.main([str(ckpt), "--split", "test"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    hyp_file = Path(result["hypotheses"])
+    assert hyp_file == ckpt.parent / "test.hyp.txt"
+    hyps = hyp_file.read_text().splitlines()
+    refs = [" ".join(map(str, t)) for _, t in SyntheticDataModule(num_test=100).splits["test"]]
+    assert result["n"] == len(hyps) == len(refs) == 100
+    assert result["exact_match"] == sum(h == r for h, r in zip(hyps, refs)) / len(refs)
+
+    # Translating a file: one hypothesis per input line, each made of the task's symbols.
+    src = tmp_path / "in.txt"
+    src.write_text("4 5 6 7\n9 8 7 6 5 4\n23 22 21 20\n")
+    out = tmp_path / "out" / "hyp.txt"
+    assert evaluate.main([str(ckpt), "--input", str(src), "--output", str(out), "--beam", "3"]) == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 3
+    assert all(4 <= int(tok) < 24 for line in lines for tok in line.split())
+
+
+@pytest.mark.parametrize("kind", ["missing", "garbage", "not_a_run"])
+def test_eval_bad_checkpoint_exits_2_with_one_line(kind, tmp_path, capsys):
+    path = tmp_path / "model.ckpt"
+    if kind == "garbage":
+        path.write_bytes(b"not a checkpoint at all")
+    elif kind == "not_a_run":
+        torch.save({"state_dict": {}}, path)  # a torch file, but not from mha-train
+    assert evaluate.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and str(path) in lines[0], err
+
+
+# ------------------------------------------------------------------------------ text
+WORDS = {"der": "the", "hund": "dog", "katze": "cat", "sieht": "sees", "ein": "a", "rote": "red",
+         "grosse": "big", "kleine": "small", "haus": "house", "mann": "man", "frau": "woman", "und": "and",
+         "läuft": "runs", "schläft": "sleeps", "im": "in the", "garten": "garden", "blaue": "blue", "auto": "car"}
+
+
+def write_corpus(folder: Path, n_train: int = 200, n_val: int = 40) -> dict[str, Path]:
+    """A toy word-for-word 'translation' corpus: aligned files for train, a TSV for val."""
+    rng = random.Random(0)
+    vocab = sorted(WORDS)
+
+    def pair() -> tuple[str, str]:
+        src = [rng.choice(vocab) for _ in range(rng.randint(3, 7))]
+        return " ".join(src), " ".join(WORDS[w] for w in src)
+
+    train_pairs = [pair() for _ in range(n_train)]
+    val_pairs = [pair() for _ in range(n_val)]
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"src": folder / "train.de", "tgt": folder / "train.en", "tsv": folder / "val.tsv"}
+    files["src"].write_text("".join(s + "\n" for s, _ in train_pairs), encoding="utf-8")
+    files["tgt"].write_text("".join(t + "\n" for _, t in train_pairs), encoding="utf-8")
+    files["tsv"].write_text("".join(f"{s}\t{t}\n" for s, t in val_pairs), encoding="utf-8")
+    return files
+
+
+def text_overrides(files: dict[str, Path]) -> list[str]:
+    return ["data=text", f"data.train.src={files['src']}", f"data.train.tgt={files['tgt']}",
+            f"data.val.tsv={files['tsv']}", "data.vocab_size=300", "data.batch_size=32", "data.eval_batch_size=40"]
+
+
+def test_text_end_to_end_with_bpe(make_cfg, tmp_path, capsys):
+    files = write_corpus(tmp_path / "corpus")
+    # A short warmup so 200 steps learn the word-for-word mapping (val BLEU ~20, chrF ~57).
+    cfg = make_cfg(*QUIET, *text_overrides(files), "logger=csv", "trainer.max_steps=200",
+                   "module.scheduler.warmup_steps=30", "trainer.val_check_interval=100", "trainer.log_every_n_steps=5")
+    run = Path(cfg.paths.output_dir)
+    metrics = train(cfg)
+
+    tokenizer = run / "tokenizer.json"
+    assert tokenizer.is_file()
+    for key in ("val/bleu", "val/chrf", "test/bleu", "test/chrf"):
+        assert math.isfinite(metrics[key]), key
+    assert 0 < metrics["val/bleu"] <= 1 and 0 < metrics["val/chrf"] <= 1
+    logged = list(csv.DictReader(next(run.glob("csv/version_*/metrics.csv")).open()))
+    assert sum(1 for r in logged if r["val/bleu"] and r["val/chrf"]) == 2
+
+    # mha-eval reuses the run's tokenizer: with the training text changed it would train a
+    # different one, but the file stays as the run left it.
+    before = (tokenizer.read_bytes(), tokenizer.stat().st_mtime_ns)
+    files["src"].write_text("ganz andere wörter\n" * 200, encoding="utf-8")
+    files["tgt"].write_text("entirely different words\n" * 200, encoding="utf-8")
+    capsys.readouterr()
+    assert evaluate.main([str(run / "checkpoints" / "last.ckpt"), "--split", "val"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (tokenizer.read_bytes(), tokenizer.stat().st_mtime_ns) == before
+    assert result["n"] == 40
+    hyps = Path(result["hypotheses"]).read_text(encoding="utf-8").splitlines()
+    assert len(hyps) == 40
+    # Same weights, same greedy hypotheses, same corpus metrics (sacrebleu in mha-eval, torchmetrics'
+    # float32 port in training, which reports them as fractions).
+    assert result["bleu"] == pytest.approx(100 * metrics["val/bleu"], rel=1e-5)
+    # torchmetrics' chrF is sacrebleu's CHRF(eps_smoothing=True); mha-eval reports sacrebleu's default
+    # (eps_smoothing=False), which differs only when an n-gram order has no match: ~0.001 here.
+    assert result["chrf"] == pytest.approx(100 * metrics["val/chrf"], abs=0.01)
+
+
+def _train_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mha_lightning.train", *QUIET, "logger=none", *overrides,
+           f"hydra.run.dir={tmp_path / 'cli_run'}"]
+    return subprocess.run(cmd, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+
+
+def _assert_one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def test_cli_text_missing_file(tmp_path):
+    files = write_corpus(tmp_path / "corpus")
+    files["src"] = tmp_path / "corpus" / "no_such_file.de"
+    line = _assert_one_error_line(_train_cli(tmp_path, *text_overrides(files)), str(files["src"]))
+    assert "not found" in line
+
+
+def test_cli_text_misaligned_files(tmp_path):
+    files = write_corpus(tmp_path / "corpus")
+    files["tgt"].write_text(files["tgt"].read_text() + "one line too many\n")
+    line = _assert_one_error_line(_train_cli(tmp_path, *text_overrides(files)), str(files["src"]), str(files["tgt"]))
+    assert "200" in line and "201" in line
