@@ -233,3 +233,37 @@ def test_cli_text_misaligned_files(tmp_path):
     files["tgt"].write_text(files["tgt"].read_text() + "one line too many\n")
     line = _assert_one_error_line(_train_cli(tmp_path, *text_overrides(files)), str(files["src"]), str(files["tgt"]))
     assert "200" in line and "201" in line
+
+
+def test_resume_in_a_new_run_dir_reuses_the_checkpoint_tokenizer_and_eval_needs_no_training_files(
+    make_cfg, tmp_path, capsys
+):
+    files = write_corpus(tmp_path / "corpus")
+    first = make_cfg(*QUIET, *text_overrides(files), "logger=none", "trainer.max_steps=10", "test=false")
+    train(first)
+    ckpt = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    original = (Path(first.paths.output_dir) / "tokenizer.json").read_bytes()
+
+    # Same corpus path, different text: a retrained tokenizer would differ from the original.
+    files["src"].write_text("völlig neue sätze hier\n" * 200, encoding="utf-8")
+    files["tgt"].write_text("completely new sentences here\n" * 200, encoding="utf-8")
+    from conftest import compose_train_config
+
+    second = compose_train_config(tmp_path / "run2", [*QUIET, *text_overrides(files), "logger=none",
+                                                      "trainer.max_steps=12", "test=false", f"ckpt_path={ckpt}"])
+    train(second)
+    assert (tmp_path / "run2" / "tokenizer.json").read_bytes() == original
+
+    # Evaluation reads only val/test: it still works once the training files are gone.
+    files["src"].unlink()
+    files["tgt"].unlink()
+    capsys.readouterr()
+    assert evaluate.main([str(ckpt), "--split", "val"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 40
+
+
+def test_data_longer_than_the_model_reach_fails_before_training(make_cfg):
+    from mha_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.max_len \(200\).*model.max_len \(128\)"):
+        train(make_cfg(*QUIET, "data.max_len=200", "logger=none"))
