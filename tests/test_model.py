@@ -122,6 +122,20 @@ def test_decoder_is_causal(norm_first):
 
 
 # ----------------------------------------------------------------------------- head_dim
+def fit(model, batch, steps: int, lr: float = 3e-3) -> list[float]:
+    """Plain AdamW steps on one batch -> the loss at each step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        logits = model(batch["src"], batch["tgt_in"])
+        loss = F.cross_entropy(logits.flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=PAD_ID)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_head_dim_independent_of_d_model_trains():
     model = tiny(head_dim=16).train()
     attn = model.encoder_layers[0].self_attn
@@ -130,15 +144,7 @@ def test_head_dim_independent_of_d_model_trains():
         assert a.q.weight.shape == (64, 32) and a.k.weight.shape == (64, 32) and a.v.weight.shape == (64, 32)
         assert a.o.weight.shape == (32, 64)
     batch = collate(PAIRS)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(8):
-        logits = model(batch["src"], batch["tgt_in"])
-        loss = F.cross_entropy(logits.flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=PAD_ID)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(model, batch, steps=8)
     assert losses[-1] < 0.8 * losses[0], losses
     # The explicit path agrees with SDPA for this shape too (scale is 1/sqrt(head_dim), not d_model/heads).
     model.eval()
@@ -155,17 +161,10 @@ DECODE_PAIRS = [([5, 6], [6, 5]), ([7, 8, 9, 10, 11], [11, 10, 9, 8, 7]), ([12, 
 @pytest.fixture(scope="module")
 def reverser():
     """A tiny model overfitted to reverse three sentences of different lengths."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # module-scoped: runs before the per-test thread fixture
     model = tiny(vocab_size=16).train()
     batch = collate(DECODE_PAIRS)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        logits = model(batch["src"], batch["tgt_in"])
-        loss = F.cross_entropy(logits.flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=PAD_ID)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.05
+    assert fit(model, batch, steps=150)[-1] < 0.05
     return model.eval(), batch
 
 

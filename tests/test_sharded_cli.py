@@ -5,7 +5,6 @@ subprocesses (`python -m mha_lightning.train ...`), never `train(cfg)` inside py
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -18,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import cli_env, compose_train_config
+from conftest import cli_env, compose_train_config, csv_train_rows
 from mha_lightning import evaluate
 from mha_lightning.checkpoints import consolidate_main, load_checkpoint
 from mha_lightning.monitor.wandb_offline import find_run_files, read_history, read_run_info
@@ -42,17 +41,6 @@ def mha_train(run_dir: Path, *overrides: str, timeout: int = 300) -> subprocess.
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
-
-
-def train_rows(run_dir: Path, version: int | None = None) -> dict[int, tuple[float, float]]:
-    """step -> (train/loss, train/lr) from the CSV logger."""
-    pattern = f"csv/version_{version}/metrics.csv" if version is not None else "csv/version_*/metrics.csv"
-    rows = {}
-    for path in sorted(run_dir.glob(pattern)):
-        for row in csv.DictReader(path.open()):
-            if row["train/loss"]:
-                rows[int(row["step"])] = (float(row["train/loss"]), float(row["train/lr"]))
-    return rows
 
 
 def launch_torchrun(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -87,7 +75,7 @@ def test_tp2_trains_validates_tests_and_saves_sharded(tp2_runs):
     metrics = json.loads((a / METRICS_FILE).read_text())
     for key in ("val/loss", "val/exact_match", "test/loss", "test/exact_match", "test/acc"):
         assert math.isfinite(metrics[key]), key
-    losses = train_rows(a)
+    losses = csv_train_rows(a)
     assert sorted(losses) == list(range(10))
     assert losses[9][0] < losses[0][0]
 
@@ -115,7 +103,7 @@ def test_tp2_trains_validates_tests_and_saves_sharded(tp2_runs):
 def test_tp2_resume_matches_uninterrupted(tp2_runs):
     """Also: torchrun (A) and Lightning's own launcher (B) give the same numbers."""
     a, b, _ = tp2_runs
-    full, resumed = train_rows(a), train_rows(b, version=1)
+    full, resumed = csv_train_rows(a), csv_train_rows(b, version=1)
     assert sorted(resumed) == list(range(5, 10)), "the resumed run must continue at step 5"
     for step in range(5, 10):
         assert resumed[step] == full[step], f"step {step}: resumed {resumed[step]} != uninterrupted {full[step]}"
@@ -242,6 +230,6 @@ def test_sweep_runs_each_two_process_job_once(tmp_path):
         assert math.isfinite(metrics["val/loss"])
         # Ran exactly once (a second run would add csv/version_1), for exactly its own steps.
         assert [p.name for p in (d / "csv").iterdir()] == ["version_0"]
-        assert sorted(train_rows(d)) == list(range(steps))
+        assert sorted(csv_train_rows(d)) == list(range(steps))
         assert "holds 2/4 heads [2-3]" in proc.stdout
     assert not _leftover_processes(str(sweep))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli_env, compose_train_config
+from conftest import cli_env, compose_train_config, csv_train_rows
 from mha_lightning import evaluate
 from mha_lightning.data import SyntheticDataModule
 from mha_lightning.monitor.wandb_offline import find_run_files, read_history, read_run_info
@@ -22,17 +22,6 @@ from mha_lightning.train import METRICS_FILE, train
 
 QUIET = ["monitor.enabled=false", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 SMALL_EVAL = ["data.num_val=100", "data.num_test=100"]
-
-
-def csv_train_rows(run_dir: Path, version: int | None = None) -> dict[int, tuple[float, float]]:
-    """step -> (train/loss, train/lr) from the CSV logger's file(s) in ``run_dir``."""
-    pattern = f"csv/version_{version}/metrics.csv" if version is not None else "csv/version_*/metrics.csv"
-    rows = {}
-    for path in sorted(run_dir.glob(pattern)):
-        for row in csv.DictReader(path.open()):
-            if row["train/loss"]:
-                rows[int(row["step"])] = (float(row["train/loss"]), float(row["train/lr"]))
-    return rows
 
 
 def test_end_to_end_with_offline_wandb(make_cfg, tmp_path):
@@ -247,7 +236,6 @@ def test_resume_in_a_new_run_dir_reuses_the_checkpoint_tokenizer_and_eval_needs_
     # Same corpus path, different text: a retrained tokenizer would differ from the original.
     files["src"].write_text("völlig neue sätze hier\n" * 200, encoding="utf-8")
     files["tgt"].write_text("completely new sentences here\n" * 200, encoding="utf-8")
-    from conftest import compose_train_config
 
     second = compose_train_config(tmp_path / "run2", [*QUIET, *text_overrides(files), "logger=none",
                                                       "trainer.max_steps=12", "test=false", f"ckpt_path={ckpt}"])
