@@ -59,7 +59,9 @@ def validate_parallel_config(
 ) -> None:
     """Fail in the launching process, before any worker exists, with one line naming the values."""
     dp, tp = data_parallel_size, tensor_parallel_size
-    for key, value in (("parallel.tensor_parallel_size", tp), ("parallel.data_parallel_size", dp)):
+    checks = (("model.num_heads", num_heads), ("model.ffn_dim", ffn_dim),
+              ("parallel.tensor_parallel_size", tp), ("parallel.data_parallel_size", dp))
+    for key, value in checks:
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{key} must be a positive integer, got {value!r}")
     if tp > num_heads:
