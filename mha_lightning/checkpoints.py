@@ -33,17 +33,42 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read checkpoint {path} ({reason}); is it a mha-train checkpoint?") from e
 
 
-def run_config(path: str | Path) -> dict[str, Any]:
-    """The resolved run config saved with a checkpoint, reading as little as possible."""
+# Model settings that change parameter shapes: a checkpoint only fits a model that agrees on them.
+SHAPE_KEYS = ("vocab_size", "d_model", "num_heads", "head_dim", "num_encoder_layers", "num_decoder_layers",
+              "ffn_dim", "positional", "share_embeddings")
+
+
+def read_hparams(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's hyper_parameters, reading as little as possible (a sharded folder's meta.pt)."""
     path = Path(path)
     if path.is_dir():
         from lightning.fabric.utilities.load import _METADATA_FILENAME
 
         meta = path / _METADATA_FILENAME
-        checkpoint = torch.load(meta, map_location="cpu", weights_only=False) if meta.is_file() else {}
+        if not meta.is_file():
+            raise CheckpointError(f"{path} has no {_METADATA_FILENAME}; is it a mha-train checkpoint folder?")
+        checkpoint = load_checkpoint(meta)
     else:
         checkpoint = load_checkpoint(path)
-    return (checkpoint.get("hyper_parameters") or {}).get("run_config") or {}
+    return checkpoint.get("hyper_parameters") or {}
+
+
+def run_config(path: str | Path) -> dict[str, Any]:
+    """The resolved run config saved with a checkpoint."""
+    return read_hparams(path).get("run_config") or {}
+
+
+def check_compatible(path: str | Path, config: dict[str, Any], key: str = "ckpt_path") -> None:
+    """Fail in one line, before training, when a checkpoint's model differs in shape from ``config``."""
+    saved = read_hparams(path).get("model_config")
+    if not saved:
+        raise CheckpointError(f"{key}={path} has no model_config; is it a mha-train checkpoint?")
+    keys = SHAPE_KEYS + (("max_len",) if config.get("positional") == "learned" else ())
+    differ = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {config.get(k)!r}" for k in keys
+              if saved.get(k) != config.get(k)]
+    if differ:
+        raise CheckpointError(f"{key}={path} was trained with another model ({'; '.join(differ)}); "
+                              "use the checkpoint's model settings")
 
 
 def model_state(checkpoint: dict[str, Any], path: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
@@ -64,7 +89,11 @@ def load_model_weights(model: nn.Module, path: str | Path, checkpoint: Optional[
     """Load a (single-device) model's weights from a checkpoint of any tp/dp layout."""
     checkpoint = checkpoint if checkpoint is not None else load_checkpoint(path)
     state = model_state(checkpoint, path)
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        first = str(e).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"checkpoint {path} does not fit the model ({first}); use the same model config") from None
     missing = [k for k in result.missing_keys if not k.endswith("sinusoid")]
     if missing or result.unexpected_keys:
         shown = (missing + result.unexpected_keys)[:3]

@@ -113,6 +113,12 @@ def run(argv: Optional[list[str]] = None) -> dict:
     data = build_datamodule(run_config, args.checkpoint)
     if args.input is not None:
         sources, refs = _encode_lines(data, args.input), None
+        reach = model.config.max_len - 1  # room for EOS
+        long = sum(len(s) > reach for s in sources)
+        if long:
+            print(f"warning: {long} line(s) of {args.input} are longer than the model's {reach} tokens; "
+                  "decoding their first tokens", file=sys.stderr)
+            sources = [s[:reach] for s in sources]
     else:
         pairs = data.splits[args.split]
         sources, refs = [s for s, _ in pairs], [t for _, t in pairs]

@@ -15,6 +15,7 @@ from torchmetrics.text import CHRFScore, Perplexity, SacreBLEUScore
 
 from mha_lightning import parallel
 from mha_lightning.data.vocab import BOS_ID, EOS_ID, PAD_ID
+from mha_lightning.errors import ConfigError
 from mha_lightning.model import Seq2SeqTransformer
 
 log = logging.getLogger(__name__)
@@ -36,23 +37,25 @@ class Seq2SeqModule(L.LightningModule):
         self.label_smoothing = label_smoothing
         self.decoding = {"strategy": "greedy", "beam_size": 4, "length_penalty": 0.6, "max_extra_len": 10}
         self.decoding.update(decoding or {})
+        _validate_decoding(self.decoding)
         # The model's own config travels with every checkpoint, so mha-eval can rebuild it.
         self.save_hyperparameters(
             {"model_config": model.hparams(), "label_smoothing": label_smoothing, "decoding": self.decoding,
              "run_config": None}
         )
         vocab = model.config.vocab_size
-        self.metrics = torch.nn.ModuleDict({
-            split: torch.nn.ModuleDict({
-                "acc": MulticlassAccuracy(num_classes=vocab, ignore_index=PAD_ID, average="micro"),
+        # validate_args=False: the argument checks call torch.unique, a host sync on every step.
+        accuracy = lambda: MulticlassAccuracy(  # noqa: E731
+            num_classes=vocab, ignore_index=PAD_ID, average="micro", validate_args=False)
+        self.metrics = torch.nn.ModuleDict({"train_": torch.nn.ModuleDict({"acc": accuracy()})})
+        for split in ("val_", "test_"):  # ModuleDict keys may not be "train"
+            self.metrics[split] = torch.nn.ModuleDict({
+                "acc": accuracy(),
                 "ppl": Perplexity(ignore_index=PAD_ID),
                 "exact_match": MeanMetric(),
                 "bleu": SacreBLEUScore(),
                 "chrf": CHRFScore(n_word_order=0),  # chrF as sacreBLEU (and mha-eval) define it, not chrF++
             })
-            for split in ("train_", "val_", "test_")  # ModuleDict keys may not be "train"
-        })
-        self.hypotheses: list[str] = []
 
     # ----------------------------------------------------------------- sharding
     def configure_model(self) -> None:
@@ -62,6 +65,18 @@ class Seq2SeqModule(L.LightningModule):
         parallel.parallelize(self.model, mesh)
         self._parallelized = True
         print(parallel.describe_sharding(self.model, mesh), flush=True)
+
+    def on_fit_start(self) -> None:
+        # Every rank was seeded alike so that the model initialises identically everywhere; from
+        # here, data-parallel replicas draw their own dropout masks. Tensor-parallel ranks of one
+        # replica keep one stream: dropout on replicated activations must agree across them.
+        if self.dp_size > 1:
+            torch.manual_seed(torch.initial_seed() + 7919 * self.dp_rank)
+
+    @property
+    def dp_rank(self) -> int:
+        mesh = getattr(self, "_device_mesh", None)
+        return mesh["data_parallel"].get_local_rank() if mesh is not None else self.global_rank
 
     @property
     def dp_group(self):
@@ -160,6 +175,11 @@ class Seq2SeqModule(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if not gradient_clip_val:
             return
+        if gradient_clip_algorithm == "value":
+            for p in self.parameters():  # elementwise: the same on local shards as on whole tensors
+                if p.grad is not None:
+                    p.grad.clamp_(-float(gradient_clip_val), float(gradient_clip_val))
+            return
         # Parameters live on different meshes under TP x FSDP: clip with a per-mesh norm.
         norm = parallel.clip_grad_norm(self.parameters(), float(gradient_clip_val))
         self.log("train/grad_norm", norm, batch_size=1)
@@ -170,3 +190,12 @@ class Seq2SeqModule(L.LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _validate_decoding(cfg: dict) -> None:
+    if cfg["strategy"] not in ("greedy", "beam"):
+        raise ConfigError(f"module.decoding.strategy={cfg['strategy']!r} must be 'greedy' or 'beam'")
+    if not isinstance(cfg["beam_size"], int) or cfg["beam_size"] < 1:
+        raise ConfigError(f"module.decoding.beam_size must be a positive integer, got {cfg['beam_size']!r}")
+    if not isinstance(cfg["max_extra_len"], int) or cfg["max_extra_len"] < 1:
+        raise ConfigError(f"module.decoding.max_extra_len must be a positive integer, got {cfg['max_extra_len']!r}")

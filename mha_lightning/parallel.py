@@ -9,7 +9,6 @@ Embeddings, norms and the output projection stay replicated.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Iterable, Optional
 
@@ -161,13 +160,16 @@ def total_grad_norm(parameters: Iterable[nn.Parameter]) -> Tensor:
 @torch.no_grad()
 def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> Tensor:
     """Clip like ``torch.nn.utils.clip_grad_norm_`` but across meshes; returns the pre-clip norm."""
+    from torch.distributed.tensor.experimental import implicit_replication
+
     parameters = list(parameters)
     norm = total_grad_norm(parameters)
-    coef = float(max_norm / (norm + 1e-6))
-    if coef < 1.0 and math.isfinite(coef):
+    # A tensor, never .item(): no host sync on the hot path (as torch's own clip_grad_norm_).
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    with implicit_replication():  # the plain scalar multiplies DTensor grads as a replicated value
         for p in parameters:
             if p.grad is not None:
-                p.grad.mul_(coef)
+                p.grad.mul_(coef.to(p.grad.device))
     return norm
 
 

@@ -15,7 +15,14 @@ def inverse_sqrt(optimizer: Optimizer, warmup_steps: int = 4000) -> LambdaLR:
 
 
 def warmup_cosine(optimizer: Optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> LambdaLR:
-    warmup, total = max(1, warmup_steps), max(warmup_steps + 1, total_steps)
+    if total_steps <= warmup_steps:
+        from mha_lightning.errors import ConfigError
+
+        raise ConfigError(
+            f"the cosine schedule needs module.scheduler.total_steps ({total_steps}) > warmup_steps ({warmup_steps}); "
+            "it follows trainer.max_steps, so set trainer.max_steps when training by epochs"
+        )
+    warmup, total = max(1, warmup_steps), total_steps
 
     def factor(step: int) -> float:
         if step < warmup:

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -94,7 +94,44 @@ def build_callbacks(cfg: DictConfig) -> list:
 
 
 def build_loggers(cfg: DictConfig) -> list:
-    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    # Only nodes with a _target_: an experiment may set e.g. logger.wandb.group while the
+    # user picked logger=csv, which leaves a bare {group: ...} behind.
+    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
+
+
+def launcher_rank() -> Optional[int]:
+    """This process's global rank as an external launcher (torchrun, srun) or Lightning's own
+    subprocess launcher set it; None in a plain process that has not launched workers yet."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return None
+
+
+def save_final_checkpoint(trainer) -> None:
+    """ModelCheckpoint saves at validation; make last.ckpt hold the weights training ended with."""
+    ckpt = trainer.checkpoint_callback
+    if ckpt is None or not ckpt.dirpath or getattr(ckpt, "_last_global_step_saved", -1) == trainer.global_step:
+        return
+    path = Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}"
+    trainer.save_checkpoint(path)  # a collective under ModelParallelStrategy: every rank calls it
+    ckpt.last_model_path = str(path)
+
+
+def check_optimisation(module) -> None:
+    """Build the optimizer and schedule once on a dummy parameter, before any worker exists:
+    a bad lr or schedule then fails here in one line, not in every worker mid-setup."""
+    import torch
+
+    dummy = [torch.nn.Parameter(torch.zeros(1))]
+    try:
+        optimizer = module.optimizer_factory(params=dummy)
+        if module.scheduler_factory is not None:
+            module.scheduler_factory(optimizer=optimizer)
+    except UserError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"module.optimizer / module.scheduler: {e}") from None
 
 
 def _check_path(key: str, value: Any) -> None:
@@ -113,22 +150,28 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_lengths(cfg)
     _check_path("ckpt_path", cfg.get("ckpt_path"))
     _check_path("init_from", cfg.get("init_from"))
-    if "LOCAL_RANK" not in os.environ or os.environ.get("LOCAL_RANK") == "0":
+    if launcher_rank() in (None, 0):
         reuse_tokenizer(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
     datamodule.check_inputs()
-    if dp * tp > 1 and "LOCAL_RANK" not in os.environ:
+    if dp * tp > 1 and launcher_rank() is None:
         # Read the data (train the tokenizer) before any worker exists: a bad file then stops this one
         # process with one line, not rank 0 alone while the others fail in a barrier with a traceback.
         datamodule.prepare_data()
     model = instantiate(cfg.model)
+    for key in ("ckpt_path", "init_from"):
+        if cfg.get(key):
+            from mha_lightning.checkpoints import check_compatible
+
+            check_compatible(cfg[key], model.hparams(), key)
     if cfg.get("init_from"):
         from mha_lightning.checkpoints import load_model_weights
 
         load_model_weights(model, cfg.init_from)
     module = instantiate(cfg.module, model=model, _convert_="partial")
+    check_optimisation(module)
     # Saved with every checkpoint and logged as the W&B config (not passed to instantiate, which would
     # build its _target_s). save_hyperparameters, not hparams[...] =: loggers log the initial hparams.
     module.save_hyperparameters({"run_config": OmegaConf.to_container(cfg, resolve=True)})
@@ -138,6 +181,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        save_final_checkpoint(trainer)
         metrics = _floats(trainer.callback_metrics)
         if cfg.get("test") and not trainer.fast_dev_run:
             trainer.test(module, datamodule=datamodule, verbose=trainer.is_global_zero)
@@ -190,7 +234,7 @@ def _is_sweep_job_needing_processes(cfg: DictConfig) -> bool:
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return False
-    return cfg.trainer.get("devices", 1) * cfg.trainer.get("num_nodes", 1) > 1 and "LOCAL_RANK" not in os.environ
+    return cfg.trainer.get("devices", 1) * cfg.trainer.get("num_nodes", 1) > 1 and launcher_rank() is None
 
 
 def _relaunch_sweep_job(cfg: DictConfig) -> dict[str, float]:

@@ -145,7 +145,8 @@ class TextDataModule(Seq2SeqDataModule):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        self.files = {"train": dict(train), "val": dict(val), "test": dict(test) if test else None}
+        has_test = test is not None and any(v is not None for v in test.values())
+        self.files = {"train": dict(train), "val": dict(val), "test": dict(test) if has_test else None}
         self.tokenizer_path = Path(tokenizer_path)
         self._vocab_size = vocab_size
         self.min_len, self.max_len = min_len, max_len
@@ -193,7 +194,9 @@ class TextDataModule(Seq2SeqDataModule):
         for split in wanted:
             if split in self.splits or self.files[split] is None:
                 continue
-            encoded = [(self.tokenizer.encode(s), self.tokenizer.encode(t)) for s, t in self._read(split)]
+            pairs = self._read(split)
+            encoded = list(zip(self.tokenizer.encode_batch([s for s, _ in pairs]),
+                               self.tokenizer.encode_batch([t for _, t in pairs])))
             # Evaluation keeps every sentence (truncated to the model's reach); training filters.
             # Targets too: the teacher-forced val/test loss feeds BOS + target to the decoder.
             if split == "train":
@@ -206,9 +209,6 @@ class TextDataModule(Seq2SeqDataModule):
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(strip_ids(ids))
-
-    def references(self, split: str) -> list[str]:
-        return [t for _, t in self._read(split)]
 
 
 __all__ = ["Seq2SeqDataModule", "SyntheticDataModule", "TextDataModule", "PAD_ID"]

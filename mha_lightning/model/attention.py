@@ -68,7 +68,8 @@ class MultiHeadAttention(nn.Module):
     def _explicit_attention(self, q, k, v, attn_mask, p_drop, mask, query_valid) -> Tensor:
         # The readable path: same maths as SDPA, but the probabilities are materialised
         # (in fp32, so entropy is exact even under bf16 autocast) for the observer.
-        scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)  # (B, H, Tq, Tk)
+        with torch.autocast(device_type=q.device.type, enabled=False):  # fp32 product, not bf16 then cast
+            scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, Tq, Tk)
         scores = scores.masked_fill(~attn_mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         self.observer(probs.detach(), query_valid, mask)

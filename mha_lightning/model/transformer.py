@@ -216,6 +216,12 @@ class Seq2SeqTransformer(nn.Module):
         memory, src_valid = self.encode(src)
         return self.decode(tgt_in, memory, src_valid)
 
+    def _never_emit(self, logits: Tensor, bos_id: int) -> Tensor:
+        """PAD and BOS are never real output tokens (PAD only follows EOS, added by the loop)."""
+        logits = logits.clone()
+        logits[:, [self.config.pad_id, bos_id]] = float("-inf")
+        return logits
+
     @torch.no_grad()
     def greedy_decode(
         self, src: Tensor, max_len: int, bos_id: int, eos_id: int, sync_done: Optional[DoneSync] = None
@@ -226,7 +232,8 @@ class Seq2SeqTransformer(nn.Module):
         ys = torch.full((B, 1), bos_id, dtype=torch.long, device=src.device)
         finished = torch.zeros(B, dtype=torch.bool, device=src.device)
         for _ in range(min(max_len, self.config.max_len - 1)):
-            next_token = self.decode(ys, memory, src_valid)[:, -1].argmax(-1)
+            logits = self._never_emit(self.decode(ys, memory, src_valid)[:, -1], bos_id)
+            next_token = logits.argmax(-1)
             next_token = next_token.masked_fill(finished, self.config.pad_id)
             ys = torch.cat([ys, next_token.unsqueeze(1)], dim=1)
             finished |= next_token == eos_id
@@ -260,7 +267,8 @@ class Seq2SeqTransformer(nn.Module):
         finished = torch.zeros(B * K, dtype=torch.bool, device=src.device)
         lengths = torch.zeros(B * K, device=src.device)
         for _ in range(min(max_len, self.config.max_len - 1)):
-            logp = F.log_softmax(self.decode(ys, memory, src_valid)[:, -1].float(), dim=-1)  # (B*K, V)
+            logits = self._never_emit(self.decode(ys, memory, src_valid)[:, -1].float(), bos_id)
+            logp = F.log_softmax(logits, dim=-1)  # (B*K, V)
             V = logp.shape[-1]
             frozen = torch.full_like(logp, float("-inf"))
             frozen[:, pad] = 0.0
