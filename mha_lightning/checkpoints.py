@@ -25,7 +25,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             from lightning.fabric.utilities.load import _load_distributed_checkpoint
 
             return _load_distributed_checkpoint(path)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        # mmap: reading the hyper-parameters or one state dict does not page in every tensor.
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except UserError:
         raise
     except Exception as e:  # a torn or foreign file: say which and why, in one line
