@@ -14,7 +14,7 @@ from typing import Any, Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from mha_lightning.errors import ConfigError, UserError
+from mha_lightning.errors import CheckpointError, ConfigError, UserError
 
 log = logging.getLogger(__name__)
 CONFIG_PATH = "pkg://mha_lightning.conf"
@@ -118,6 +118,24 @@ def save_final_checkpoint(trainer) -> None:
     ckpt.last_model_path = str(path)
 
 
+def check_resume_layout(cfg: DictConfig, dp: int, tp: int) -> None:
+    """A sharded checkpoint folder resumes only at the (dp, tp) that wrote it."""
+    path = cfg.get("ckpt_path")
+    if not path or not Path(str(path)).is_dir():
+        return
+    from mha_lightning.checkpoints import run_config
+
+    saved = run_config(path)
+    if not saved:
+        return
+    saved_dp, saved_tp = parallel_sizes(OmegaConf.create(saved))
+    if (saved_dp, saved_tp) != (dp, tp):
+        raise CheckpointError(
+            f"ckpt_path={path} was written at (dp={saved_dp}, tp={saved_tp}) and resumes only there (this run: "
+            f"dp={dp}, tp={tp}); to change the layout: mha-consolidate {path} model.ckpt, then init_from=model.ckpt"
+        )
+
+
 def check_optimisation(module) -> None:
     """Build the optimizer and schedule once on a dummy parameter, before any worker exists:
     a bad lr or schedule then fails here in one line, not in every worker mid-setup."""
@@ -166,6 +184,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             from mha_lightning.checkpoints import check_compatible
 
             check_compatible(cfg[key], model.hparams(), key)
+    check_resume_layout(cfg, dp, tp)
     if cfg.get("init_from"):
         from mha_lightning.checkpoints import load_model_weights
 

@@ -142,6 +142,15 @@ def test_consolidated_checkpoint_evaluates_like_the_sharded_one(tp2_runs, tmp_pa
     assert results["single"]["exact_match"] == json.loads((a / METRICS_FILE).read_text())["test/exact_match"]
 
 
+def test_sharded_checkpoint_resumes_only_at_its_layout(tp2_runs, tmp_path):
+    _, b, _ = tp2_runs
+    folder = b / "checkpoints" / "last.ckpt"
+    proc = mha_train(tmp_path / "tp1", *SMALL, "logger=none", f"ckpt_path={folder}", timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "(dp=1, tp=2)" in line and "this run: dp=1, tp=1" in line and "mha-consolidate" in line, line
+
+
 def test_single_device_checkpoint_initialises_tp2_run(tmp_path):
     """init_from a tp=1 checkpoint: the tp=2 model, before any training step, scores exactly
     what the tp=1 model scored on the test split (a model ignoring init_from would not)."""
