@@ -435,11 +435,14 @@ def dropout_worker(mesh: DeviceMesh, steps: int) -> dict:
             losses.append(loss.detach())
         runs.append(torch.stack(losses))
     batch = make_batch(6, seed=0)
+    masks = []
+    hook = model.encoder_layers[0].ffn.dropout.register_forward_hook(lambda m, i, o: masks.append((i[0], o)))
     with torch.no_grad():
         noisy = model(batch["src"], batch["tgt_in"])
         model.eval()
         clean = model(batch["src"], batch["tgt_in"])
-    return {"runs": runs, "dropout_changes_logits": not torch.allclose(noisy, clean)}
+    hook.remove()
+    return {"runs": runs, "dropout_changes_logits": not torch.allclose(noisy, clean), "ffn_mask": masks[0]}
 
 
 def test_tp2_with_dropout_is_deterministic_and_ranks_agree(tmp_path):
@@ -452,3 +455,9 @@ def test_tp2_with_dropout_is_deterministic_and_ranks_agree(tmp_path):
     assert torch.equal(results[0]["runs"][0], results[1]["runs"][0])
     # ... and dropout really is on in the sharded model.
     assert all(result["dropout_changes_logits"] for result in results)
+    # Each rank's FFN units (a different half of the layer) get their own mask, as on one device,
+    # not a copy of the other rank's.
+    (in0, out0), (in1, out1) = results[0]["ffn_mask"], results[1]["ffn_mask"]
+    both = (in0 != 0) & (in1 != 0)  # ReLU zeros are not dropout decisions
+    assert both.sum() > 100
+    assert not torch.equal((out0 == 0)[both], (out1 == 0)[both])
