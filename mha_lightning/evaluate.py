@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Optional
 
 import hydra
-import torch
 from tqdm import tqdm
 
 from mha_lightning.checkpoints import load_checkpoint, load_model_weights, model_config
@@ -41,13 +40,6 @@ def build_datamodule(run_config: dict, path: str | Path):
     return data
 
 
-def decode(model, src: torch.Tensor, beam: int, max_extra_len: int, length_penalty: float) -> torch.Tensor:
-    max_len = int((src != PAD_ID).sum(1).max()) + max_extra_len
-    if beam > 1:
-        return model.beam_decode(src, max_len, BOS_ID, EOS_ID, beam_size=beam, length_penalty=length_penalty)
-    return model.greedy_decode(src, max_len, BOS_ID, EOS_ID)
-
-
 def translate(model, data, sources: list[list[int]], beam: int, batch_size: int, max_extra_len: int,
               length_penalty: float) -> list[list[int]]:
     """Decode in length-sorted batches (little padding); results come back in input order."""
@@ -56,7 +48,8 @@ def translate(model, data, sources: list[list[int]], beam: int, batch_size: int,
     for start in tqdm(range(0, len(order), batch_size), desc="decoding", unit="batch", file=sys.stderr):
         idx = order[start : start + batch_size]
         src = collate([(sources[i], []) for i in idx])["src"]
-        hyp = decode(model, src, beam, max_extra_len, length_penalty)
+        max_len = int((src != PAD_ID).sum(1).max()) + max_extra_len
+        hyp = model.generate(src, max_len, BOS_ID, EOS_ID, beam_size=beam, length_penalty=length_penalty)
         for i, h in zip(idx, hyp.tolist()):
             out[i] = strip_ids(h)
     return out

@@ -163,13 +163,11 @@ class Seq2SeqModule(L.LightningModule):
         strategy = strategy or cfg["strategy"]
         # Every rank must run the same number of decoder steps (FSDP/TP collectives per step).
         max_len = parallel.all_max(int((src != PAD_ID).sum(1).max()) + int(cfg["max_extra_len"]), src.device)
-        sync = lambda done: parallel.all_done(done, src.device)  # noqa: E731 (ranks decode in lockstep)
-        if strategy == "beam":
-            return self.model.beam_decode(
-                src, max_len, BOS_ID, EOS_ID, beam_size=int(cfg["beam_size"]),
-                length_penalty=float(cfg["length_penalty"]), sync_done=sync,
-            )
-        return self.model.greedy_decode(src, max_len, BOS_ID, EOS_ID, sync_done=sync)
+        return self.model.generate(
+            src, max_len, BOS_ID, EOS_ID, beam_size=int(cfg["beam_size"]) if strategy == "beam" else 1,
+            length_penalty=float(cfg["length_penalty"]),
+            sync_done=lambda done: parallel.all_done(done, src.device),  # ranks decode in lockstep
+        )
 
     # ----------------------------------------------------------------- optimisation
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:

@@ -216,6 +216,21 @@ class Seq2SeqTransformer(nn.Module):
         memory, src_valid = self.encode(src)
         return self.decode(tgt_in, memory, src_valid)
 
+    def generate(
+        self,
+        src: Tensor,
+        max_len: int,
+        bos_id: int,
+        eos_id: int,
+        beam_size: int = 1,
+        length_penalty: float = 0.6,
+        sync_done: Optional[DoneSync] = None,
+    ) -> Tensor:
+        """Greedy (beam_size 1) or beam search -> (B, L) ids without BOS, PAD after EOS."""
+        if beam_size > 1:
+            return self.beam_decode(src, max_len, bos_id, eos_id, beam_size, length_penalty, sync_done)
+        return self.greedy_decode(src, max_len, bos_id, eos_id, sync_done)
+
     def _never_emit(self, logits: Tensor, bos_id: int) -> Tensor:
         """PAD and BOS are never real output tokens (PAD only follows EOS, added by the loop)."""
         logits = logits.clone()
