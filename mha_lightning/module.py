@@ -59,7 +59,7 @@ class Seq2SeqModule(L.LightningModule):
 
     # ----------------------------------------------------------------- sharding
     def configure_model(self) -> None:
-        mesh = getattr(self, "_device_mesh", None)
+        mesh = self.device_mesh
         if mesh is None or getattr(self, "_parallelized", False):
             return
         parallel.parallelize(self.model, mesh)
@@ -75,17 +75,17 @@ class Seq2SeqModule(L.LightningModule):
 
     @property
     def dp_rank(self) -> int:
-        mesh = getattr(self, "_device_mesh", None)
+        mesh = self.device_mesh
         return mesh["data_parallel"].get_local_rank() if mesh is not None else self.global_rank
 
     @property
     def dp_group(self):
-        mesh = getattr(self, "_device_mesh", None)
+        mesh = self.device_mesh
         return mesh["data_parallel"].get_group() if mesh is not None else None
 
     @property
     def dp_size(self) -> int:
-        mesh = getattr(self, "_device_mesh", None)
+        mesh = self.device_mesh
         if mesh is not None:
             return mesh["data_parallel"].size()
         return self.trainer.world_size if self._trainer is not None else 1
@@ -95,19 +95,7 @@ class Seq2SeqModule(L.LightningModule):
         return self.model(src, tgt_in)
 
     def _loss(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """-> (loss to backpropagate, global mean loss per token for logging).
-
-        The mean is over all target tokens of the global batch, not a mean of per-rank
-        means: data-parallel gradient averaging then gives exactly the dp=1 gradient."""
-        token_loss_sum = F.cross_entropy(
-            logits.flatten(0, 1).float(), target.flatten(), ignore_index=PAD_ID,
-            label_smoothing=self.label_smoothing, reduction="sum",
-        )
-        totals = torch.stack([token_loss_sum.detach(), (target != PAD_ID).sum().float()])
-        if self.dp_size > 1:
-            parallel.all_reduce_sum(totals, self.dp_group)
-        global_tokens = totals[1].clamp(min=1)
-        return token_loss_sum * self.dp_size / global_tokens, totals[0] / global_tokens
+        return token_loss(logits, target, self.label_smoothing, self.dp_group if self.dp_size > 1 else None)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         logits = self(batch["src"], batch["tgt_in"])
@@ -188,6 +176,26 @@ class Seq2SeqModule(L.LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def token_loss(
+    logits: Tensor, target: Tensor, label_smoothing: float = 0.0, dp_group=None
+) -> tuple[Tensor, Tensor]:
+    """-> (loss to backpropagate, global mean loss per token for logging).
+
+    The mean is over all target tokens of the global batch, not a mean of per-rank means:
+    with ``dp_group`` (FSDP averages gradients over it) the gradient is exactly the dp=1 one."""
+    token_loss_sum = F.cross_entropy(
+        logits.flatten(0, 1).float(), target.flatten(), ignore_index=PAD_ID,
+        label_smoothing=label_smoothing, reduction="sum",
+    )
+    totals = torch.stack([token_loss_sum.detach(), (target != PAD_ID).sum().float()])
+    dp_size = 1
+    if dp_group is not None:
+        parallel.all_reduce_sum(totals, dp_group)
+        dp_size = torch.distributed.get_world_size(dp_group)
+    global_tokens = totals[1].clamp(min=1)
+    return token_loss_sum * dp_size / global_tokens, totals[0] / global_tokens
 
 
 def _validate_decoding(cfg: dict) -> None:

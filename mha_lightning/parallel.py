@@ -28,12 +28,18 @@ from mha_lightning.errors import ConfigError
 
 
 def attention_plan(prefix: str, cross: bool = False) -> dict:
+    """q, k, v column-wise (whole heads per rank), o row-wise, inputs entering replicated."""
     # The attention's inputs enter as one replicated DTensor each, so the input gradients of
     # q, k and v add up as partial sums and are all-reduced once per input, not once per Linear.
-    # Positional inputs: (x, memory, mask, query_valid); memory is None in self-attention.
-    layouts = (Replicate(), Replicate() if cross else None, None, None)
+    # Inputs are named (x positional; memory and mask keyword-only): a new argument cannot shift
+    # a layout, and the mask (no tensor to shard) passes through untouched.
+    kwarg_layouts = {"memory": Replicate()} if cross else {}
+    prepare = PrepareModuleInput(
+        input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),),
+        input_kwarg_layouts=kwarg_layouts, desired_input_kwarg_layouts=kwarg_layouts, use_local_output=False,
+    )
     return {
-        prefix: PrepareModuleInput(input_layouts=layouts, desired_input_layouts=layouts, use_local_output=False),
+        prefix: prepare,
         f"{prefix}.q": ColwiseParallel(),
         f"{prefix}.k": ColwiseParallel(),
         f"{prefix}.v": ColwiseParallel(),

@@ -10,7 +10,7 @@ from torch.testing import assert_close
 from mha_lightning.data.batching import collate
 from mha_lightning.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from mha_lightning.errors import ConfigError
-from mha_lightning.model import Seq2SeqTransformer
+from mha_lightning.model import ProbingCore, SDPACore, Seq2SeqTransformer
 
 TINY = dict(vocab_size=20, d_model=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, ffn_dim=64,
             dropout=0.0, attention_dropout=0.0, max_len=32)
@@ -26,16 +26,21 @@ def all_attention(model):
 
 
 def force_explicit_path(model) -> list[int]:
-    """Install a no-op observer everywhere (the explicit softmax path); returns call counters."""
-    calls = []
-    for i, attn in enumerate(all_attention(model)):
-        calls.append(0)
+    """Swap in probing cores everywhere (the explicit softmax path); returns call counters."""
+    calls = [0] * len(all_attention(model))
+    n_layers = len(model.encoder_layers)
+    offsets = {"enc_self": 0, "dec_self": n_layers, "cross": n_layers + len(model.decoder_layers)}
 
-        def observe(probs, query_valid, mask, i=i):
+    def make(kind, layer):
+        i = offsets[kind] + layer
+
+        def observe(probs, mask):
             assert not torch.isnan(probs).any()
             calls[i] += 1
 
-        attn.observer = observe
+        return ProbingCore(observe)
+
+    model.set_attention_core(make)
     return calls
 
 
@@ -82,28 +87,40 @@ def test_sdpa_path_equals_explicit_path(norm_first):
 def test_explicit_probabilities_respect_masks():
     model = tiny()
     seen = {}
-    for kind, mods in model.attention_layers().items():
-        def observe(probs, query_valid, mask, kind=kind):
-            seen.setdefault(kind, (probs, query_valid, mask))
 
-        for attn in mods:
-            attn.observer = observe
+    def make(kind, layer):
+        return ProbingCore(lambda probs, mask: seen.setdefault(kind, (probs, mask)))
+
     batch = collate(PAIRS)
-    with torch.no_grad():
+    with torch.no_grad(), model.attention_core(make):
         model(batch["src"], batch["tgt_in"])
     B, S, T = 3, batch["src"].shape[1], batch["tgt_in"].shape[1]
     src_valid = batch["src"] != PAD_ID
-    for kind, (probs, query_valid, mask) in seen.items():
+    tgt_valid = batch["tgt_in"] != PAD_ID
+    for kind, (probs, mask) in seen.items():
         assert probs.dtype == torch.float32 and probs.shape[:2] == (B, 4)
         Tk = probs.shape[-1]
         assert Tk == (T if kind == "dec_self" else S)
         # Rows are distributions, and masked keys get exactly zero probability.
         assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
-        assert (probs.masked_select(~mask.unsqueeze(1).expand_as(probs)) == 0).all()
-    _, _, enc_mask = seen["enc_self"]
-    assert torch.equal(enc_mask[:, 0], src_valid)
-    probs, _, _ = seen["dec_self"]
+        assert (probs.masked_select(~mask.keys.unsqueeze(1).expand_as(probs)) == 0).all()
+        # The mask names the real queries: source tokens in the encoder, target tokens in the decoder.
+        assert torch.equal(mask.queries, src_valid if kind == "enc_self" else tgt_valid)
+    assert torch.equal(seen["enc_self"][1].keys[:, 0], src_valid)
+    probs, _ = seen["dec_self"]
     assert (probs.triu(diagonal=1) == 0).all()  # causal
+
+
+def test_attention_core_swaps_for_a_block_and_restores_the_previous_cores():
+    model = tiny()
+    model.set_attention_core(lambda kind, layer: ProbingCore(lambda probs, mask: None))
+    with model.attention_core(lambda kind, layer: SDPACore()):
+        assert all(isinstance(a.core, SDPACore) for a in all_attention(model))
+    assert all(isinstance(a.core, ProbingCore) for a in all_attention(model))
+    model.set_attention_core(None)
+    assert all(isinstance(a.core, SDPACore) for a in all_attention(model))
+    # Cores hold no parameters: swapping never changes the state dict (or the sharding plan).
+    assert all(".core." not in name for name in model.state_dict())
 
 
 # ----------------------------------------------------------------------------- causality

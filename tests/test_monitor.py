@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from mha_lightning.model import Seq2SeqTransformer
+from mha_lightning.model import AttentionMask, ProbingCore, SDPACore, Seq2SeqTransformer
 from mha_lightning.monitor.entropy import HeadEntropyAccumulator, finalize, global_head_state
 
 PAD = 0
@@ -24,7 +24,7 @@ def tiny_model(**kw) -> Seq2SeqTransformer:
 def naive_head_entropy(probs, query_valid, mask):
     """Loop-by-loop definition: mean over valid queries of -sum_j p log p over valid keys."""
     B, H, Tq, Tk = probs.shape
-    mask = mask.expand(B, Tq, Tk)
+    mask = mask.expand(B, Tq, Tk)  # (B, Tq, Tk) keys each query may attend
     ent, norm = [[] for _ in range(H)], [[] for _ in range(H)]
     for b in range(B):
         for i in range(Tq):
@@ -44,14 +44,8 @@ def measure(model, src, tgt_in):
     """Run one forward with accumulators attached -> {kind: (entropy (L, H), normalised (L, H))}."""
     layers = model.attention_layers()
     accs = {kind: [HeadEntropyAccumulator(model.config.num_heads) for _ in mods] for kind, mods in layers.items()}
-    for kind, mods in layers.items():
-        for attn, acc in zip(mods, accs[kind]):
-            attn.observer = acc
-    with torch.no_grad():
+    with torch.no_grad(), model.attention_core(lambda kind, layer: ProbingCore(accs[kind][layer])):
         model(src, tgt_in)
-    for mods in layers.values():
-        for attn in mods:
-            attn.observer = None
     return {kind: tuple(t.numpy() for t in finalize(global_head_state(a, model.config.num_heads, 0)))
             for kind, a in accs.items()}, accs
 
@@ -96,7 +90,7 @@ def test_one_hot_attention_gives_zero_and_masked_rows_never_nan():
     query_valid[1, 3:] = False
     probs[1, :, 3:] = float("nan")  # a padded query row may hold anything: it must not leak
     acc = HeadEntropyAccumulator(H)
-    acc(probs, query_valid, mask)
+    acc(probs, AttentionMask(mask, query_valid))
     ent, norm = finalize(global_head_state([acc], H, 0))
     assert torch.equal(ent, torch.zeros(1, H, dtype=torch.float64))
     assert torch.equal(norm, torch.zeros(1, H, dtype=torch.float64))
@@ -108,16 +102,12 @@ def test_random_model_matches_naive_reference_per_head():
     src, tgt = padded_batch()
     captured = {}
 
-    def capture(name):
-        def observer(probs, query_valid, mask):
-            captured[name] = (probs.clone(), query_valid.clone(), mask.clone())
-        return observer
+    def capture(kind, layer):
+        def observer(probs, mask):
+            captured[kind, layer] = (probs.clone(), mask.queries.clone(), mask.keys.clone())
+        return ProbingCore(observer)
 
-    layers = model.attention_layers()
-    for kind, mods in layers.items():
-        for layer, attn in enumerate(mods):
-            attn.observer = capture((kind, layer))
-    with torch.no_grad():
+    with torch.no_grad(), model.attention_core(capture):
         model(src, tgt)
     values, _ = measure(model, src, tgt)
     for (kind, layer), (probs, qv, mask) in captured.items():
@@ -151,7 +141,7 @@ def test_causal_rows_use_i_plus_one_keys():
     for i in range(T):
         probs[0, 0, i, : i + 1] = 1.0 / (i + 1)
     acc = HeadEntropyAccumulator(1)
-    acc(probs, torch.ones(1, T, dtype=torch.bool), mask)
+    acc(probs, AttentionMask(mask, torch.ones(1, T, dtype=torch.bool)))
     sums = acc.state[:, 0]
     assert sums[1] == T  # every row counts for the entropy
     assert sums[3] == T - 1  # the first row has one key: no normalised value
@@ -162,7 +152,7 @@ def test_causal_rows_use_i_plus_one_keys():
 
 def test_global_state_places_local_heads_at_their_global_index():
     acc = HeadEntropyAccumulator(2)
-    acc(torch.full((1, 2, 1, 2), 0.5), torch.ones(1, 1, dtype=torch.bool), torch.ones(1, 1, 2, dtype=torch.bool))
+    acc(torch.full((1, 2, 1, 2), 0.5), AttentionMask(torch.ones(1, 1, 2, dtype=torch.bool), torch.ones(1, 1, dtype=torch.bool)))
     placed = global_head_state([acc], num_heads=4, tp_rank=1)
     assert torch.all(placed[0, :, :2] == 0)
     torch.testing.assert_close(placed[0, :, 2:], acc.state)
@@ -174,6 +164,6 @@ def test_detached_monitor_leaves_the_fast_path_with_same_outputs():
     with torch.no_grad():
         fast = model(src, tgt)
     _, _ = measure(model, src, tgt)
-    assert all(attn.observer is None for mods in model.attention_layers().values() for attn in mods)
+    assert all(isinstance(attn.core, SDPACore) for mods in model.attention_layers().values() for attn in mods)
     with torch.no_grad():
         torch.testing.assert_close(model(src, tgt), fast)

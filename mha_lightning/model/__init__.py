@@ -1,4 +1,14 @@
-from mha_lightning.model.attention import MultiHeadAttention
-from mha_lightning.model.transformer import Seq2SeqTransformer, TransformerConfig
+"""Single-device model code: attention (with its swappable core) and the seq2seq transformer."""
 
-__all__ = ["MultiHeadAttention", "Seq2SeqTransformer", "TransformerConfig"]
+from mha_lightning.model.attention import AttentionMask, MultiHeadAttention, ProbingCore, SDPACore
+from mha_lightning.model.transformer import ATTENTION_KINDS, Seq2SeqTransformer, TransformerConfig
+
+__all__ = [
+    "ATTENTION_KINDS",
+    "AttentionMask",
+    "MultiHeadAttention",
+    "ProbingCore",
+    "SDPACore",
+    "Seq2SeqTransformer",
+    "TransformerConfig",
+]

@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mha_lightning.errors import ConfigError
-from mha_lightning.model.attention import MultiHeadAttention
+from mha_lightning.model.attention import AttentionMask, MultiHeadAttention, SDPACore
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
 # Given "this rank's batch is finished", return whether every rank that must step in lockstep is.
 DoneSync = Callable[[bool], bool]
+# Given (attention kind, layer index), return the core module that attention should use.
+CoreFactory = Callable[[str, int], nn.Module]
+ATTENTION_KINDS = ("enc_self", "dec_self", "cross")
 
 
 @dataclass
@@ -100,8 +104,8 @@ class EncoderLayer(nn.Module):
         self.attn_block = Residual(cfg.d_model, cfg.dropout, cfg.norm_first)
         self.ffn_block = Residual(cfg.d_model, cfg.dropout, cfg.norm_first)
 
-    def forward(self, x: Tensor, mask: Tensor, valid: Tensor) -> Tensor:
-        x = self.attn_block(x, lambda h: self.self_attn(h, None, mask, valid))
+    def forward(self, x: Tensor, mask: AttentionMask) -> Tensor:
+        x = self.attn_block(x, lambda h: self.self_attn(h, mask=mask))
         return self.ffn_block(x, self.ffn)
 
 
@@ -115,9 +119,9 @@ class DecoderLayer(nn.Module):
         self.cross_block = Residual(cfg.d_model, cfg.dropout, cfg.norm_first)
         self.ffn_block = Residual(cfg.d_model, cfg.dropout, cfg.norm_first)
 
-    def forward(self, y, memory, self_mask, cross_mask, valid) -> Tensor:
-        y = self.self_block(y, lambda h: self.self_attn(h, None, self_mask, valid))
-        y = self.cross_block(y, lambda h: self.cross_attn(h, memory, cross_mask, valid))
+    def forward(self, y: Tensor, memory: Tensor, self_mask: AttentionMask, cross_mask: AttentionMask) -> Tensor:
+        y = self.self_block(y, lambda h: self.self_attn(h, mask=self_mask))
+        y = self.cross_block(y, lambda h: self.cross_attn(h, mask=cross_mask, memory=memory))
         return self.ffn_block(y, self.ffn)
 
 
@@ -184,20 +188,40 @@ class Seq2SeqTransformer(nn.Module):
         return asdict(self.config)
 
     def attention_layers(self) -> dict[str, list[MultiHeadAttention]]:
-        """Every attention module, by kind, in layer order (the monitor's one hook point)."""
+        """Every attention module, by kind (``ATTENTION_KINDS``), in layer order."""
         return {
             "enc_self": [layer.self_attn for layer in self.encoder_layers],
             "dec_self": [layer.self_attn for layer in self.decoder_layers],
             "cross": [layer.cross_attn for layer in self.decoder_layers],
         }
 
+    def set_attention_core(self, make: Optional[CoreFactory]) -> None:
+        """Give every attention module the core ``make(kind, layer)`` returns; None restores SDPA.
+
+        The one swap point for probing (entropy), gating (head masks) and caching cores: cores
+        hold no parameters, so the sharding plan and checkpoints are the same whichever is in."""
+        for kind, mods in self.attention_layers().items():
+            for layer, attn in enumerate(mods):
+                attn.core = SDPACore() if make is None else make(kind, layer)
+
+    @contextmanager
+    def attention_core(self, make: CoreFactory) -> Iterator[None]:
+        """``set_attention_core(make)`` for the duration of a block, then the previous cores again."""
+        previous = [attn.core for mods in self.attention_layers().values() for attn in mods]
+        self.set_attention_core(make)
+        try:
+            yield
+        finally:
+            for attn, core in zip((a for mods in self.attention_layers().values() for a in mods), previous):
+                attn.core = core
+
     def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
         """src: (B, S) token ids -> memory (B, S, D), src_valid (B, S)."""
         src_valid = src != self.config.pad_id
-        mask = src_valid.unsqueeze(1)  # (B, 1, S): every query sees the valid keys
+        mask = AttentionMask(keys=src_valid.unsqueeze(1), queries=src_valid)  # (B, 1, S): all valid keys
         x = self.src_embed(src)
         for layer in self.encoder_layers:
-            x = layer(x, mask, src_valid)
+            x = layer(x, mask)
         return self.encoder_norm(x), src_valid
 
     def decode(self, tgt_in: Tensor, memory: Tensor, src_valid: Tensor) -> Tensor:
@@ -205,11 +229,11 @@ class Seq2SeqTransformer(nn.Module):
         T = tgt_in.shape[1]
         tgt_valid = tgt_in != self.config.pad_id
         causal = torch.ones(T, T, dtype=torch.bool, device=tgt_in.device).tril()
-        self_mask = causal.unsqueeze(0) & tgt_valid.unsqueeze(1)  # (B, T, T)
-        cross_mask = src_valid.unsqueeze(1)  # (B, 1, S)
+        self_mask = AttentionMask(keys=causal.unsqueeze(0) & tgt_valid.unsqueeze(1), queries=tgt_valid)  # (B, T, T)
+        cross_mask = AttentionMask(keys=src_valid.unsqueeze(1), queries=tgt_valid)  # (B, 1, S)
         y = self.tgt_embed(tgt_in)
         for layer in self.decoder_layers:
-            y = layer(y, memory, self_mask, cross_mask, tgt_valid)
+            y = layer(y, memory, self_mask, cross_mask)
         return self.output(self.decoder_norm(y))
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:

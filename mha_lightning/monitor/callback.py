@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mha_lightning.monitor.entropy import KINDS, HeadEntropyAccumulator, finalize, global_head_state
+from mha_lightning.model import ATTENTION_KINDS, ProbingCore
+from mha_lightning.monitor.entropy import HeadEntropyAccumulator, finalize, global_head_state
 
 log = logging.getLogger(__name__)
 CSV_NAME = "attention_entropy.csv"
@@ -56,38 +57,37 @@ class EntropyMonitor(L.Callback):
         if self.output_dir is None:
             self.output_dir = Path(trainer.default_root_dir)
 
-    def _layout(self, pl_module) -> tuple[dict[str, list], int, int]:
-        model = pl_module.model
-        mesh = getattr(pl_module, "_device_mesh", None)
+    def _layout(self, pl_module) -> tuple[int, int]:
+        """(local heads per attention module, tensor-parallel rank) of this process."""
+        mesh = pl_module.device_mesh
         tp_rank = mesh["tensor_parallel"].get_local_rank() if mesh is not None else 0
         tp_size = mesh["tensor_parallel"].size() if mesh is not None else 1
-        return model.attention_layers(), model.config.num_heads // tp_size, tp_rank
+        return pl_module.model.config.num_heads // tp_size, tp_rank
 
     def _attach(self, pl_module) -> None:
-        layers, local_heads, _ = self._layout(pl_module)
-        self._accumulators = {kind: [HeadEntropyAccumulator(local_heads) for _ in mods] for kind, mods in layers.items()}
-        for kind, mods in layers.items():
-            for attn, acc in zip(mods, self._accumulators[kind]):
-                attn.observer = acc
+        """Swap every attention's core for a probing one that feeds a fresh accumulator."""
+        model = pl_module.model
+        local_heads, _ = self._layout(pl_module)
+        self._accumulators = {kind: [HeadEntropyAccumulator(local_heads) for _ in mods]
+                              for kind, mods in model.attention_layers().items()}
+        model.set_attention_core(lambda kind, layer: ProbingCore(self._accumulators[kind][layer]))
         self._active = True
 
     def _detach(self, pl_module) -> None:
-        for mods in pl_module.model.attention_layers().values():
-            for attn in mods:
-                attn.observer = None
+        pl_module.model.set_attention_core(None)
         self._active = False
 
     def _reduce(self, pl_module) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """One all-reduce over the world of every layer's zero-padded per-head sums."""
-        _, _, tp_rank = self._layout(pl_module)
+        _, tp_rank = self._layout(pl_module)
         num_heads = pl_module.model.config.num_heads
-        states = [global_head_state(self._accumulators[kind], num_heads, tp_rank) for kind in KINDS]
+        states = [global_head_state(self._accumulators[kind], num_heads, tp_rank) for kind in ATTENTION_KINDS]
         flat = torch.cat([s.flatten() for s in states]).to(pl_module.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat = flat.cpu()
         result, offset = {}, 0
-        for kind, s in zip(KINDS, states):
+        for kind, s in zip(ATTENTION_KINDS, states):
             summed = flat[offset : offset + s.numel()].view_as(s)
             offset += s.numel()
             entropy, normalised = finalize(summed)

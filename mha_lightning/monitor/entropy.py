@@ -13,11 +13,11 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-KINDS = ("enc_self", "dec_self", "cross")
+from mha_lightning.model.attention import AttentionMask
 
 
 class HeadEntropyAccumulator:
-    """The attention observer for one attention module: sums over its local heads."""
+    """The attention observer for one attention module (via ``ProbingCore``): sums over its local heads."""
 
     def __init__(self, local_heads: int) -> None:
         self.local_heads = local_heads
@@ -29,13 +29,13 @@ class HeadEntropyAccumulator:
         self.state: Tensor | None = None
 
     @torch.no_grad()
-    def __call__(self, probs: Tensor, query_valid: Tensor, mask: Tensor) -> None:
-        """probs (B, H, Tq, Tk) fp32; query_valid (B, Tq); mask (B, 1|Tq, Tk) True = may attend."""
-        B, H, Tq, Tk = probs.shape
+    def __call__(self, probs: Tensor, mask: AttentionMask) -> None:
+        """probs (B, H, Tq, Tk) fp32; mask.keys (B, 1|Tq, Tk) True = may attend; mask.queries (B, Tq)."""
+        H = probs.shape[1]
         # xlogy gives 0 * log 0 = 0 for masked keys (their probability is exactly 0).
         row_entropy = -torch.special.xlogy(probs, probs).sum(-1)  # (B, H, Tq)
-        n_keys = mask.expand(B, Tq, Tk).sum(-1)  # (B, Tq) valid keys per query
-        valid = (query_valid & (n_keys > 0)).unsqueeze(1)  # (B, 1, Tq)
+        n_keys = mask.key_counts()  # (B, Tq) valid keys per query
+        valid = (mask.queries & (n_keys > 0)).unsqueeze(1)  # (B, 1, Tq)
         norm_valid = valid & (n_keys > 1).unsqueeze(1)
         log_n = torch.log(n_keys.clamp(min=2).double()).unsqueeze(1)  # (B, 1, Tq)
         # torch.where, never multiplication: an excluded row must not carry a NaN in.
