@@ -1,130 +1,174 @@
-"""Reading checkpoints outside training: single files and sharded (DCP) folders alike."""
+"""Reading checkpoints outside training: single files and sharded (DCP) folders alike.
+
+A single-file checkpoint is Lightning's ``torch.save`` dict. A sharded one (written under
+``ModelParallelStrategy``) is a ``torch.distributed.checkpoint`` folder holding the tensors
+(``state_dict``, ``optimizer_0``...) plus ``meta.pt``, the rest of Lightning's dict. Only public
+torch APIs read them here, so a Lightning release cannot change how evaluation loads a model.
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from mha_lightning.errors import CheckpointError, UserError
+from mha_lightning.errors import CheckpointError, exit_on_user_error
 
 MODEL_PREFIX = "model."
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint as one dict on CPU, whether a file or a sharded folder."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass a .ckpt file or a sharded checkpoint folder")
-    try:
-        if path.is_dir():
-            from lightning.fabric.utilities.load import _load_distributed_checkpoint
-
-            return _load_distributed_checkpoint(path)
-        # mmap: reading the hyper-parameters or one state dict does not page in every tensor.
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except UserError:
-        raise
-    except Exception as e:  # a torn or foreign file: say which and why, in one line
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path} ({reason}); is it a mha-train checkpoint?") from e
-
-
+# The file in which Lightning's ModelParallelStrategy stores a sharded checkpoint's non-tensor part.
+META_FILE = "meta.pt"
 # Model settings that change parameter shapes: a checkpoint only fits a model that agrees on them.
 SHAPE_KEYS = ("vocab_size", "d_model", "num_heads", "head_dim", "num_encoder_layers", "num_decoder_layers",
               "ffn_dim", "positional", "share_embeddings")
 
 
-def read_hparams(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's hyper_parameters, reading as little as possible (a sharded folder's meta.pt)."""
+def _torch_load(path: Path) -> dict[str, Any]:
+    """One torch file on CPU, memory-mapped (reading hyper-parameters does not page in every tensor).
+
+    ``weights_only=True``: tensors and plain containers only, so a crafted file cannot run code."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # a torn or foreign file: say which and why, in one line
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {path} ({reason}); is it a mha-train checkpoint?") from e
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a mha-train checkpoint")
+    return checkpoint
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint says about itself, read once: where it is, its layout and hyper-parameters."""
+
+    path: Path
+    hparams: dict[str, Any]
+
+    @property
+    def sharded(self) -> bool:
+        """True for a DCP folder (written at tp or dp > 1), False for a single file."""
+        return self.path.is_dir()
+
+    @property
+    def model_config(self) -> dict[str, Any]:
+        """The ``Seq2SeqTransformer`` settings the checkpoint was trained with."""
+        saved = self.hparams.get("model_config")
+        if not saved:
+            raise CheckpointError(f"{self.path} has no model_config; is it a mha-train checkpoint?")
+        return dict(saved)
+
+    @property
+    def run_config(self) -> dict[str, Any]:
+        """The resolved ``mha-train`` config of the run that wrote it ({} if none was recorded)."""
+        return dict(self.hparams.get("run_config") or {})
+
+    @property
+    def decoding(self) -> dict[str, Any]:
+        """The decoding settings the run validated and tested with."""
+        return dict(self.hparams.get("decoding") or {})
+
+
+def read_info(path: str | Path, key: str = "checkpoint") -> CheckpointInfo:
+    """Read a checkpoint's hyper-parameters (a sharded folder's meta.pt, a file's header) once."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{key}={path} does not exist; pass a .ckpt file or a sharded checkpoint folder")
     if path.is_dir():
-        from lightning.fabric.utilities.load import _METADATA_FILENAME
-
-        meta = path / _METADATA_FILENAME
+        meta = path / META_FILE
         if not meta.is_file():
-            raise CheckpointError(f"{path} has no {_METADATA_FILENAME}; is it a mha-train checkpoint folder?")
-        checkpoint = load_checkpoint(meta)
+            raise CheckpointError(f"{path} has no {META_FILE}; is it a mha-train checkpoint folder?")
+        checkpoint = _torch_load(meta)
     else:
-        checkpoint = load_checkpoint(path)
-    return checkpoint.get("hyper_parameters") or {}
+        checkpoint = _torch_load(path)
+    return CheckpointInfo(path, dict(checkpoint.get("hyper_parameters") or {}))
 
 
-def run_config(path: str | Path) -> dict[str, Any]:
-    """The resolved run config saved with a checkpoint."""
-    return read_hparams(path).get("run_config") or {}
-
-
-def check_compatible(path: str | Path, config: dict[str, Any], key: str = "ckpt_path") -> None:
+def check_compatible(info: CheckpointInfo, config: dict[str, Any], key: str = "ckpt_path") -> None:
     """Fail in one line, before training, when a checkpoint's model differs in shape from ``config``."""
-    saved = read_hparams(path).get("model_config")
-    if not saved:
-        raise CheckpointError(f"{key}={path} has no model_config; is it a mha-train checkpoint?")
+    saved = info.model_config
     keys = SHAPE_KEYS + (("max_len",) if config.get("positional") == "learned" else ())
     differ = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {config.get(k)!r}" for k in keys
               if saved.get(k) != config.get(k)]
     if differ:
-        raise CheckpointError(f"{key}={path} was trained with another model ({'; '.join(differ)}); "
+        raise CheckpointError(f"{key}={info.path} was trained with another model ({'; '.join(differ)}); "
                               "use the checkpoint's model settings")
 
 
-def model_state(checkpoint: dict[str, Any], path: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
-    state = checkpoint.get("state_dict")
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} has no 'state_dict'; is it a mha-train checkpoint?")
-    return {k[len(MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
+def _load_sharded_weights(model: nn.Module, path: Path) -> None:
+    """Fill a single-device model from a DCP folder of any (dp, tp) layout: DCP reshards on load."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {MODEL_PREFIX + k: v for k, v in model.state_dict().items()}
+    try:
+        dcp.load({"state_dict": state}, checkpoint_id=path, no_dist=True)
+    except (dcp.CheckpointException, Exception) as e:  # CheckpointException derives from BaseException
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise CheckpointError(f"cannot read the weights of {path} ({reason}); use the same model config") from None
 
 
-def model_config(checkpoint: dict[str, Any], path: str | Path = "checkpoint") -> dict[str, Any]:
-    hparams = checkpoint.get("hyper_parameters") or {}
-    if "model_config" not in hparams:
-        raise CheckpointError(f"{path} has no model_config in its hyper_parameters; is it a mha-train checkpoint?")
-    return dict(hparams["model_config"])
-
-
-def load_model_weights(model: nn.Module, path: str | Path, checkpoint: Optional[dict] = None) -> None:
+def load_model_weights(model: nn.Module, info: CheckpointInfo) -> None:
     """Load a (single-device) model's weights from a checkpoint of any tp/dp layout."""
-    checkpoint = checkpoint if checkpoint is not None else load_checkpoint(path)
-    state = model_state(checkpoint, path)
+    if info.sharded:
+        _load_sharded_weights(model, info.path)
+        return
+    state = _torch_load(info.path).get("state_dict")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{info.path} has no 'state_dict'; is it a mha-train checkpoint?")
+    state = {k[len(MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
         first = str(e).strip().splitlines()[-1].strip()
-        raise CheckpointError(f"checkpoint {path} does not fit the model ({first}); use the same model config") from None
+        raise CheckpointError(
+            f"checkpoint {info.path} does not fit the model ({first}); use the same model config") from None
     missing = [k for k in result.missing_keys if not k.endswith("sinusoid")]
     if missing or result.unexpected_keys:
         shown = (missing + result.unexpected_keys)[:3]
         raise CheckpointError(
-            f"checkpoint {path} does not match the model ({len(missing)} missing, "
+            f"checkpoint {info.path} does not match the model ({len(missing)} missing, "
             f"{len(result.unexpected_keys)} unexpected keys, e.g. {shown}); use the same model config"
         )
 
 
+def load_model(path: str | Path, key: str = "checkpoint") -> tuple[nn.Module, CheckpointInfo]:
+    """-> (the checkpoint's model, single-device, with its weights; its info)."""
+    from mha_lightning.model import Seq2SeqTransformer
+
+    info = read_info(path, key)
+    model = Seq2SeqTransformer(**info.model_config)
+    load_model_weights(model, info)
+    return model, info
+
+
 def consolidate(src: str | Path, dst: str | Path) -> Path:
-    """Turn a sharded checkpoint folder into one file that loads anywhere (tp=1 included)."""
-    checkpoint = load_checkpoint(src)
-    dst = Path(dst)
+    """Turn a sharded checkpoint folder into one file that loads anywhere (tp=1 included).
+
+    The file holds the whole model and the folder's metadata; the optimizer state, stored per
+    parameter shard, is left behind (a single-file checkpoint is for weights: ``init_from``, mha-eval)."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise CheckpointError(f"{src} is not a sharded checkpoint folder; only folders need consolidating")
+    model, _ = load_model(src)
+    checkpoint = _torch_load(src / META_FILE)
+    checkpoint["state_dict"] = {MODEL_PREFIX + k: v for k, v in model.state_dict().items()}
     dst.parent.mkdir(parents=True, exist_ok=True)
-    # DCP stores optimizer states keyed by parameter name; a single-file checkpoint is for weights.
-    for key in [k for k in checkpoint if k.startswith("optimizer")]:
-        checkpoint.pop(key)
     torch.save(checkpoint, dst)
     return dst
 
 
+@exit_on_user_error
 def consolidate_main(argv: Optional[list[str]] = None) -> int:
     """`mha-consolidate SHARDED_DIR OUT.ckpt`."""
     parser = argparse.ArgumentParser(prog="mha-consolidate", description=consolidate_main.__doc__)
     parser.add_argument("sharded_dir")
     parser.add_argument("output")
     args = parser.parse_args(argv)
-    try:
-        print(f"wrote {consolidate(args.sharded_dir, args.output)}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    print(f"wrote {consolidate(args.sharded_dir, args.output)}")
     return 0
+
+
+__all__ = ["CheckpointInfo", "check_compatible", "consolidate", "load_model", "load_model_weights",
+           "read_info"]

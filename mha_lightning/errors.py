@@ -1,8 +1,19 @@
 """User-facing errors: one clear line naming the value and what to do.
 
-The console entry points catch ``UserError`` and print ``error: <message>`` without a
-traceback; anything else is a bug and keeps its traceback.
+Every console entry point runs under :func:`exit_on_user_error`: a ``UserError`` prints
+``error: <message>`` on stderr, without a traceback, and exits with :data:`USER_ERROR_EXIT`;
+anything else is a bug and keeps its traceback.
 """
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, TypeVar
+
+USER_ERROR_EXIT = 2  # like argparse's usage errors
+
+F = TypeVar("F", bound=Callable[..., int])
 
 
 class UserError(Exception):
@@ -19,3 +30,22 @@ class DataError(UserError, ValueError):
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, unreadable or does not match the model."""
+
+
+def report(error: UserError) -> int:
+    """Print ``error`` as one line on stderr; return the exit code for it."""
+    print(f"error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+    return USER_ERROR_EXIT
+
+
+def exit_on_user_error(main: F) -> F:
+    """Wrap a CLI ``main(argv) -> exit code`` so a ``UserError`` becomes one line and exit code 2."""
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            return report(e)
+
+    return wrapped  # type: ignore[return-value]

@@ -2,139 +2,181 @@
 
     mha-eval logs/train/runs/<time>/checkpoints/last.ckpt --split test
     mha-eval CKPT --input sentences.de --output hypotheses.en --beam 5
+
+Scoring runs the training code's own loop (``trainer.test``, or ``trainer.validate`` for
+``--split val``) on the checkpoint's model, data config and decoding settings, so it reports
+the numbers training reported, by construction. Translation reuses the module's ``generate``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-import hydra
+import lightning as L
 from tqdm import tqdm
 
-from mha_lightning.checkpoints import load_checkpoint, load_model_weights, model_config
+from mha_lightning.checkpoints import CheckpointInfo, load_model
 from mha_lightning.data.batching import collate
 from mha_lightning.data.datamodule import strip_ids
-from mha_lightning.data.vocab import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID
-from mha_lightning.errors import CheckpointError, DataError, UserError
-from mha_lightning.model import Seq2SeqTransformer
+from mha_lightning.data.vocab import EOS_ID, NUM_SPECIAL
+from mha_lightning.errors import CheckpointError, DataError, exit_on_user_error
+from mha_lightning.module import Seq2SeqModule
 
 
-def load_for_eval(path: str | Path) -> tuple[Seq2SeqTransformer, dict]:
-    """-> (model in eval mode with the checkpoint's weights, the run's resolved config)."""
-    checkpoint = load_checkpoint(path)
-    model = Seq2SeqTransformer(**model_config(checkpoint, path))
-    load_model_weights(model, path, checkpoint)
-    run_config = (checkpoint.get("hyper_parameters") or {}).get("run_config") or {}
-    return model.eval(), run_config
+def build_module(path: str | Path, decoding_overrides: Optional[dict[str, Any]] = None) -> tuple[Seq2SeqModule, CheckpointInfo]:
+    """The checkpoint's model in an evaluation module, decoding as the run did unless overridden."""
+    model, info = load_model(path)
+    decoding = {**info.decoding, **{k: v for k, v in (decoding_overrides or {}).items() if v is not None}}
+    module = Seq2SeqModule(model, label_smoothing=info.hparams.get("label_smoothing", 0.0), decoding=decoding)
+    return module.eval(), info
 
 
-def build_datamodule(run_config: dict, path: str | Path):
-    if "data" not in run_config:
-        raise CheckpointError(f"{path} does not record its data config; was it written by mha-train?")
-    data = hydra.utils.instantiate(run_config["data"])
+def build_datamodule(info: CheckpointInfo, batch_size: Optional[int] = None):
+    """The run's own DataModule (same files, tokenizer and evaluation batches), set up for testing."""
+    import hydra
+
+    data_cfg = info.run_config.get("data")
+    if not data_cfg:
+        raise CheckpointError(f"{info.path} does not record its data config; was it written by mha-train?")
+    if batch_size is not None:
+        data_cfg = {**data_cfg, "eval_batch_size": batch_size}
+    data = hydra.utils.instantiate(data_cfg)
     data.setup("test")
     return data
 
 
-def translate(model, data, sources: list[list[int]], beam: int, batch_size: int, max_extra_len: int,
-              length_penalty: float) -> list[list[int]]:
-    """Decode in length-sorted batches (little padding); results come back in input order."""
+class HypothesisCollector(L.Callback):
+    """Gathers the hypotheses of an evaluation loop in corpus order (the sampler buckets by length)."""
+
+    def __init__(self) -> None:
+        self.by_index: dict[int, list[int]] = {}
+        self._batches: list[list[int]] = []
+
+    def _start(self, loaders) -> None:
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        self._batches = list(loader.batch_sampler)  # deterministic: evaluation never shuffles
+
+    def _collect(self, hyp, batch_idx: int) -> None:
+        for index, ids in zip(self._batches[batch_idx], hyp.tolist()):
+            self.by_index[index] = strip_ids(ids)
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._start(trainer.test_dataloaders)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._start(trainer.val_dataloaders)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(outputs, batch_idx)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(outputs, batch_idx)
+
+    def in_order(self) -> list[list[int]]:
+        """Hypotheses by example index."""
+        return [self.by_index[i] for i in range(len(self.by_index))]
+
+
+def score_split(module: Seq2SeqModule, data, split: str) -> tuple[dict[str, float], list[list[int]]]:
+    """Run the module's own validation or test loop -> (metrics as training logs them, hypotheses)."""
+    collector = HypothesisCollector()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, callbacks=[collector], enable_checkpointing=False,
+        enable_model_summary=False, inference_mode=False, use_distributed_sampler=False,
+    )
+    run = trainer.test if split == "test" else trainer.validate
+    with contextlib.redirect_stdout(sys.stderr):  # progress bars on stderr: stdout carries the result alone
+        (metrics,) = run(module, datamodule=data, verbose=False)
+    return {k: float(v) for k, v in metrics.items()}, collector.in_order()
+
+
+def translate(module: Seq2SeqModule, sources: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Decode in length-sorted batches (little padding) with the module's own ``generate``."""
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     out: list[Optional[list[int]]] = [None] * len(sources)
     for start in tqdm(range(0, len(order), batch_size), desc="decoding", unit="batch", file=sys.stderr):
         idx = order[start : start + batch_size]
         src = collate([(sources[i], []) for i in idx])["src"]
-        max_len = int((src != PAD_ID).sum(1).max()) + max_extra_len
-        hyp = model.generate(src, max_len, BOS_ID, EOS_ID, beam_size=beam, length_penalty=length_penalty)
-        for i, h in zip(idx, hyp.tolist()):
+        for i, h in zip(idx, module.generate(src).tolist()):
             out[i] = strip_ids(h)
     return out
 
 
-def score(data, hyps: list[list[int]], refs: list[list[int]]) -> dict[str, float]:
-    metrics = {"exact_match": sum(h == r for h, r in zip(hyps, refs)) / max(1, len(refs)), "n": len(refs)}
-    if getattr(data, "is_text", False):
-        import sacrebleu
-
-        hyp_text = [data.detokenize(h) for h in hyps]
-        ref_text = [data.detokenize(r) for r in refs]
-        metrics["bleu"] = sacrebleu.corpus_bleu(hyp_text, [ref_text]).score
-        metrics["chrf"] = sacrebleu.corpus_chrf(hyp_text, [ref_text]).score
-    return metrics
-
-
-def _encode_lines(data, path: Path) -> list[list[int]]:
+def read_sources(data, path: Path, reach: int) -> list[list[int]]:
+    """Encode a file of source sentences (text) or token ids (synthetic tasks), one per line."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise DataError(f"input file {path} does not exist") from None
     except UnicodeDecodeError as e:
         raise DataError(f"input file {path} is not UTF-8 (byte offset {e.start}); re-encode it as UTF-8") from None
+    if not any(line.strip() for line in lines):
+        raise DataError(f"input file {path} is empty; give one source sentence per line")
     if getattr(data, "is_text", False):
-        return [data.tokenizer.encode(line.strip()) for line in lines]
-    ids = []
-    for n, line in enumerate(lines, 1):
-        try:
-            seq = [int(tok) for tok in line.split()]
-        except ValueError:
-            raise DataError(f"{path}:{n}: synthetic-task input must be space-separated token ids, got {line!r}") from None
-        if any(not NUM_SPECIAL <= t < data.vocab_size for t in seq):
-            raise DataError(f"{path}:{n}: token ids must be in [{NUM_SPECIAL}, {data.vocab_size}), got {line!r}")
-        ids.append(seq)
-    return ids
+        sources = [data.tokenizer.encode(line.strip()) for line in lines]
+    else:
+        sources = []
+        for n, line in enumerate(lines, 1):
+            try:
+                seq = [int(tok) for tok in line.split()]
+            except ValueError:
+                raise DataError(f"{path}:{n}: synthetic-task input must be space-separated token ids, got {line!r}") from None
+            if any(not NUM_SPECIAL <= t < data.vocab_size for t in seq):
+                raise DataError(f"{path}:{n}: token ids must be in [{NUM_SPECIAL}, {data.vocab_size}), got {line!r}")
+            sources.append(seq)
+    long = sum(len(s) > reach for s in sources)
+    if long:
+        print(f"warning: {long} line(s) of {path} are longer than the model's {reach} tokens; "
+              "decoding their first tokens", file=sys.stderr)
+    return [s[:reach] for s in sources]
 
 
-def run(argv: Optional[list[str]] = None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mha-eval", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("checkpoint", help="a .ckpt file or a sharded checkpoint folder")
     p.add_argument("--split", default="test", choices=["val", "test"], help="split to score (default: test)")
     p.add_argument("--input", type=Path, help="translate this file (one sentence per line) instead of a split")
     p.add_argument("--output", type=Path, help="write hypotheses here (default: next to the checkpoint)")
-    p.add_argument("--beam", type=int, default=1, help="beam size; 1 = greedy (default)")
-    p.add_argument("--length-penalty", type=float, default=0.6)
-    p.add_argument("--max-extra-len", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64)
-    args = p.parse_args(argv)
-    if args.beam < 1:
-        raise DataError(f"--beam must be at least 1, got {args.beam}")
+    p.add_argument("--beam", type=int, help="beam size (1 = greedy); default: the checkpoint's decoding")
+    p.add_argument("--length-penalty", type=float, help="default: the checkpoint's")
+    p.add_argument("--max-extra-len", type=int, help="default: the checkpoint's")
+    p.add_argument("--batch-size", type=int, help="default: the run's data.eval_batch_size")
+    return p
 
-    model, run_config = load_for_eval(args.checkpoint)
-    data = build_datamodule(run_config, args.checkpoint)
+
+def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    """Score or translate as ``argv`` says -> the result that ``main`` prints as JSON."""
+    args = _parser().parse_args(argv)
+    overrides: dict[str, Any] = {"length_penalty": args.length_penalty, "max_extra_len": args.max_extra_len}
+    if args.beam is not None:
+        if args.beam < 1:
+            raise DataError(f"--beam must be at least 1, got {args.beam}")
+        overrides.update(strategy="beam" if args.beam > 1 else "greedy", beam_size=args.beam)
+    module, info = build_module(args.checkpoint, overrides)
+    data = build_datamodule(info, args.batch_size)
+    result: dict[str, Any] = {}
     if args.input is not None:
-        sources, refs = _encode_lines(data, args.input), None
-        reach = model.config.max_len - 1  # room for EOS
-        long = sum(len(s) > reach for s in sources)
-        if long:
-            print(f"warning: {long} line(s) of {args.input} are longer than the model's {reach} tokens; "
-                  "decoding their first tokens", file=sys.stderr)
-            sources = [s[:reach] for s in sources]
+        sources = read_sources(data, args.input, module.model.config.max_len - 1)  # room for EOS
+        hyps = translate(module, sources, args.batch_size or data.eval_batch_size)
     else:
-        pairs = data.splits[args.split]
-        sources, refs = [s for s, _ in pairs], [t for _, t in pairs]
-    hyps = translate(model, data, sources, args.beam, args.batch_size, args.max_extra_len, args.length_penalty)
-
-    ckpt = Path(args.checkpoint)
-    default_name = f"{args.input.stem if args.input else args.split}.hyp.txt"
-    output = args.output or ckpt.parent / default_name
+        metrics, hyps = score_split(module, data, args.split)
+        result.update(metrics, n=len(hyps))
+    output = args.output or Path(args.checkpoint).parent / f"{args.input.stem if args.input else args.split}.hyp.txt"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("".join(data.detokenize(h + [EOS_ID]) + "\n" for h in hyps), encoding="utf-8")
-    result = {"hypotheses": str(output)}
-    if refs is not None:
-        result.update(score(data, hyps, refs))
-    return result
+    result["decoding"] = module.decoding.to_dict()
+    return {"hypotheses": str(output), **result}
 
 
+@exit_on_user_error
 def main(argv: Optional[list[str]] = None) -> int:
-    try:
-        result = run(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=2))
+    """`mha-eval` entry point; exit code 2 on a user error."""
+    print(json.dumps(run(argv), indent=2))
     return 0
 
 

@@ -13,7 +13,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import CHRFScore, Perplexity, SacreBLEUScore
 
-from mha_lightning import parallel
+from mha_lightning import parallel, seeding
+from mha_lightning.config import DecodingConfig
 from mha_lightning.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from mha_lightning.errors import ConfigError
 from mha_lightning.model import Seq2SeqTransformer
@@ -22,25 +23,31 @@ log = logging.getLogger(__name__)
 
 
 class Seq2SeqModule(L.LightningModule):
+    """Trains, validates and tests an injected single-device ``Seq2SeqTransformer``.
+
+    ``optimizer`` and ``scheduler`` are partials (Hydra ``_partial_: true``) bound to the
+    parameters after sharding; an evaluation-only module (``mha-eval``) has neither."""
+
     def __init__(
         self,
         model: Seq2SeqTransformer,
-        optimizer: Callable[..., torch.optim.Optimizer],
+        optimizer: Optional[Callable[..., torch.optim.Optimizer]] = None,
         scheduler: Optional[Callable[..., Any]] = None,
         label_smoothing: float = 0.1,
-        decoding: Optional[dict] = None,
+        decoding: Optional[DecodingConfig | dict] = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.label_smoothing = label_smoothing
-        self.decoding = {"strategy": "greedy", "beam_size": 4, "length_penalty": 0.6, "max_extra_len": 10}
-        self.decoding.update(decoding or {})
-        _validate_decoding(self.decoding)
+        self.decoding = DecodingConfig.from_dict(decoding)
+        self._shard_rng: Optional[seeding.ShardedDropoutRNG] = None
+        self._resumed_rng: Optional[list] = None
+        self.last_saved_step = -1  # the global step of the newest checkpoint this run wrote
         # The model's own config travels with every checkpoint, so mha-eval can rebuild it.
         self.save_hyperparameters(
-            {"model_config": model.hparams(), "label_smoothing": label_smoothing, "decoding": self.decoding,
+            {"model_config": model.hparams(), "label_smoothing": label_smoothing, "decoding": self.decoding.to_dict(),
              "run_config": None}
         )
         vocab = model.config.vocab_size
@@ -59,32 +66,64 @@ class Seq2SeqModule(L.LightningModule):
 
     # ----------------------------------------------------------------- sharding
     def configure_model(self) -> None:
+        """Shard the model over the strategy's (dp, tp) mesh, once (a no-op on one device)."""
         mesh = self.device_mesh
         if mesh is None or getattr(self, "_parallelized", False):
             return
-        parallel.parallelize(self.model, mesh)
+        self._shard_rng = parallel.shard_rng_for(self.model, mesh, torch.initial_seed())
+        parallel.parallelize(self.model, mesh, self._shard_rng)
         self._parallelized = True
         print(parallel.describe_sharding(self.model, mesh), flush=True)
 
     def on_fit_start(self) -> None:
-        # Every rank was seeded alike so that the model initialises identically everywhere; from
-        # here, data-parallel replicas draw their own dropout masks. Tensor-parallel ranks of one
-        # replica keep one stream: dropout on replicated activations must agree across them.
-        if self.dp_size > 1:
-            torch.manual_seed(torch.initial_seed() + 7919 * self.dp_rank)
+        """Restore a resumed run's random streams, or give each data-parallel replica its own."""
+        world = self.trainer.world_size
+        if self._resumed_rng is not None and len(self._resumed_rng) == world:
+            seeding.restore(self._resumed_rng[self.global_rank], self._shard_rng)
+        elif self.dp_size > 1:
+            # Every rank was seeded alike so that the model initialises identically everywhere; from
+            # here, data-parallel replicas draw their own dropout masks (docs/design.md, "Randomness").
+            tp_rank, tp_size = self.tp_rank_and_size
+            torch.manual_seed(seeding.rank_seeds(torch.initial_seed(), self.dp_rank, tp_rank, tp_size).replica)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Every rank's random streams go into the checkpoint (rank 0 alone writes its metadata)."""
+        states = seeding.capture(self._shard_rng)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, states)
+        else:
+            gathered = [states]
+        checkpoint["rng_states"] = gathered
+        self.last_saved_step = checkpoint["global_step"]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the saved random streams until ``on_fit_start`` (after Lightning's own restore)."""
+        self._resumed_rng = checkpoint.get("rng_states")
+
+    @property
+    def tp_rank_and_size(self) -> tuple[int, int]:
+        """(tensor-parallel rank, size) of this process; (0, 1) on one device."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return 0, 1
+        return mesh["tensor_parallel"].get_local_rank(), mesh["tensor_parallel"].size()
 
     @property
     def dp_rank(self) -> int:
+        """Data-parallel rank of this process."""
         mesh = self.device_mesh
         return mesh["data_parallel"].get_local_rank() if mesh is not None else self.global_rank
 
     @property
     def dp_group(self):
+        """The data-parallel process group (None on one device)."""
         mesh = self.device_mesh
         return mesh["data_parallel"].get_group() if mesh is not None else None
 
     @property
     def dp_size(self) -> int:
+        """Number of data-parallel replicas."""
         mesh = self.device_mesh
         if mesh is not None:
             return mesh["data_parallel"].size()
@@ -111,7 +150,7 @@ class Seq2SeqModule(L.LightningModule):
             loader.mark_step()
         return loss
 
-    def _eval_step(self, batch: dict[str, Tensor], prefix: str) -> None:
+    def _eval_step(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
         logits = self(batch["src"], batch["tgt_in"])
         _, mean_loss = self._loss(logits, batch["tgt_out"])
         m = self.metrics[f"{prefix}_"]
@@ -123,6 +162,7 @@ class Seq2SeqModule(L.LightningModule):
         self.log(f"{prefix}/ppl", m["ppl"], batch_size=bsz)
         hyp = self.generate(batch["src"])
         self._score(hyp, batch["tgt_out"], m, prefix, bsz)
+        return hyp  # (B, L) ids: mha-eval writes them out in corpus order
 
     def _score(self, hyp: Tensor, tgt_out: Tensor, m, prefix: str, bsz: int) -> None:
         L = max(hyp.shape[1], tgt_out.shape[1])
@@ -139,21 +179,20 @@ class Seq2SeqModule(L.LightningModule):
             self.log(f"{prefix}/bleu", m["bleu"], batch_size=bsz, prog_bar=prefix == "val")
             self.log(f"{prefix}/chrf", m["chrf"], batch_size=bsz)
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "val")
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "test")
 
     # ----------------------------------------------------------------- decoding
-    def generate(self, src: Tensor, strategy: Optional[str] = None) -> Tensor:
+    def generate(self, src: Tensor) -> Tensor:
+        """Decode ``src`` (B, S) with ``self.decoding`` -> (B, L) ids without BOS, PAD after EOS."""
         cfg = self.decoding
-        strategy = strategy or cfg["strategy"]
         # Every rank must run the same number of decoder steps (FSDP/TP collectives per step).
-        max_len = parallel.all_max(int((src != PAD_ID).sum(1).max()) + int(cfg["max_extra_len"]), src.device)
+        max_len = parallel.all_max(int((src != PAD_ID).sum(1).max()) + cfg.max_extra_len, src.device)
         return self.model.generate(
-            src, max_len, BOS_ID, EOS_ID, beam_size=int(cfg["beam_size"]) if strategy == "beam" else 1,
-            length_penalty=float(cfg["length_penalty"]),
+            src, max_len, BOS_ID, EOS_ID, beam_size=cfg.beam, length_penalty=float(cfg.length_penalty),
             sync_done=lambda done: parallel.all_done(done, src.device),  # ranks decode in lockstep
         )
 
@@ -171,6 +210,9 @@ class Seq2SeqModule(L.LightningModule):
         self.log("train/grad_norm", norm, batch_size=1)
 
     def configure_optimizers(self):
+        """The injected optimizer (and step-wise schedule), bound to the sharded parameters."""
+        if self.optimizer_factory is None:
+            raise ConfigError("this module was built for evaluation (no module.optimizer); it cannot train")
         optimizer = self.optimizer_factory(params=self.parameters())
         if self.scheduler_factory is None:
             return optimizer
@@ -196,12 +238,3 @@ def token_loss(
         dp_size = torch.distributed.get_world_size(dp_group)
     global_tokens = totals[1].clamp(min=1)
     return token_loss_sum * dp_size / global_tokens, totals[0] / global_tokens
-
-
-def _validate_decoding(cfg: dict) -> None:
-    if cfg["strategy"] not in ("greedy", "beam"):
-        raise ConfigError(f"module.decoding.strategy={cfg['strategy']!r} must be 'greedy' or 'beam'")
-    if not isinstance(cfg["beam_size"], int) or cfg["beam_size"] < 1:
-        raise ConfigError(f"module.decoding.beam_size must be a positive integer, got {cfg['beam_size']!r}")
-    if not isinstance(cfg["max_extra_len"], int) or cfg["max_extra_len"] < 1:
-        raise ConfigError(f"module.decoding.max_extra_len must be a positive integer, got {cfg['max_extra_len']!r}")

@@ -25,6 +25,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from mha_lightning.errors import ConfigError
+from mha_lightning.seeding import ShardedDropoutRNG, rank_seeds
 
 
 def attention_plan(prefix: str, cross: bool = False) -> dict:
@@ -88,56 +89,35 @@ def validate_parallel_config(
         )
 
 
-class ShardedDropoutRNG:
-    """Megatron's model-parallel RNG: dropout inside sharded modules (attention probabilities of
-    the local heads, the local FFN units) draws from a stream of its own per (dp, tp) rank, so
-    head h and head h + H/tp get different masks, as on one device. Everything else (dropout on
-    replicated activations) keeps the shared stream, which must agree across tp ranks."""
-
-    def __init__(self, seed: int, device_type: str) -> None:
-        self.cuda = device_type == "cuda"
-        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if self.cuda else []):
-            torch.manual_seed(seed)
-            self.state = self._get()
-
-    def _get(self) -> Tensor:
-        return torch.cuda.get_rng_state() if self.cuda else torch.get_rng_state()
-
-    def _set(self, state: Tensor) -> None:
-        (torch.cuda.set_rng_state if self.cuda else torch.set_rng_state)(state)
-
-    def enter(self, module, args) -> None:
-        self._shared = self._get()
-        self._set(self.state)
-
-    def exit(self, module, args, output) -> None:
-        self.state = self._get()
-        self._set(self._shared)
-
-    def attach(self, modules: Iterable[nn.Module]) -> None:
-        for m in modules:
-            m.register_forward_pre_hook(self.enter)
-            m.register_forward_hook(self.exit)
-
-
 def sharded_modules(model: nn.Module) -> list[nn.Module]:
     """The modules whose activations are split across tp ranks: attention and FFN."""
     out = [m for kind in model.attention_layers().values() for m in kind]
     return out + [layer.ffn for layer in [*model.encoder_layers, *model.decoder_layers]]
 
 
-def parallelize(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
-    """Apply TP over the mesh's tensor_parallel dim, then FSDP2 over data_parallel (torchtitan's order)."""
+def shard_rng_for(model: nn.Module, mesh: DeviceMesh, seed: int) -> Optional[ShardedDropoutRNG]:
+    """The shard dropout stream this rank needs, or None (no tensor parallelism or no dropout)."""
+    tp_mesh = mesh["tensor_parallel"]
+    if tp_mesh.size() == 1 or (model.config.dropout == 0 and model.config.attention_dropout == 0):
+        return None
+    dp_rank = mesh["data_parallel"].get_local_rank()
+    shard_seed = rank_seeds(seed, dp_rank, tp_mesh.get_local_rank(), tp_mesh.size()).shard
+    return ShardedDropoutRNG(shard_seed, mesh.device_type)
+
+
+def parallelize(model: nn.Module, mesh: DeviceMesh, shard_rng: Optional[ShardedDropoutRNG] = None) -> nn.Module:
+    """Apply TP over the mesh's tensor_parallel dim, then FSDP2 over data_parallel (torchtitan's order).
+
+    Dropout inside sharded modules runs on ``shard_rng`` (default: seeded from torch's initial seed)."""
     tp_mesh = mesh["tensor_parallel"]
     if tp_mesh.size() > 1:
         for layer in model.encoder_layers:
             parallelize_module(layer, tp_mesh, encoder_layer_plan())
         for layer in model.decoder_layers:
             parallelize_module(layer, tp_mesh, decoder_layer_plan())
-        cfg = model.config
-        if cfg.dropout > 0 or cfg.attention_dropout > 0:
-            rank = mesh["data_parallel"].get_local_rank() * tp_mesh.size() + tp_mesh.get_local_rank()
-            ShardedDropoutRNG(torch.initial_seed() + 2718 + rank, mesh.device_type).attach(sharded_modules(model))
+        shard_rng = shard_rng or shard_rng_for(model, mesh, torch.initial_seed())
+        if shard_rng is not None:
+            shard_rng.attach(sharded_modules(model))
     dp_mesh = mesh["data_parallel"]
     if dp_mesh.size() > 1:
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method

@@ -7,7 +7,7 @@ heads: every reshape below infers the head count from ``head_dim``.
 The projections live in :class:`MultiHeadAttention`; what happens between them (scores,
 softmax, dropout, the weighted sum) is ``self.core``, a parameter-free module that the
 monitor, analysis and speed work swap in without touching ``forward`` or the sharding plan
-(docs/design.md, "The attention core").
+(docs/design.md, "The model and the attention core").
 """
 
 from __future__ import annotations

@@ -29,19 +29,22 @@ ATTENTION_KINDS = ("enc_self", "dec_self", "cross")
 
 @dataclass
 class TransformerConfig:
+    """Model shape and options. Defaults are the ``tiny`` preset (conf/model/tiny.yaml); ``small``
+    and ``base`` are named presets in conf/model/."""
+
     vocab_size: int
-    d_model: int = 256
-    num_heads: int = 8
+    d_model: int = 64
+    num_heads: int = 4
     head_dim: Optional[int] = None  # default d_model // num_heads; independent on purpose
-    num_encoder_layers: int = 3
-    num_decoder_layers: int = 3
-    ffn_dim: int = 512
+    num_encoder_layers: int = 2
+    num_decoder_layers: int = 2
+    ffn_dim: int = 128
     activation: str = "relu"
-    dropout: float = 0.1
+    dropout: float = 0.0
     attention_dropout: float = 0.0
     norm_first: bool = True  # pre-LN
     positional: str = "sinusoidal"  # or "learned"
-    max_len: int = 256
+    max_len: int = 128
     share_embeddings: bool = True  # one matrix for source, target and output projection
     pad_id: int = 0
 
@@ -160,7 +163,8 @@ class Embedder(nn.Module):
 def _token_embedding(cfg: TransformerConfig) -> nn.Embedding:
     emb = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
     # N(0, 1/d_model) before the sqrt(d_model) scale: with N(0, 1) the scaled embeddings
-    # drown the cross-attention signal in the decoder's residual stream (see DESIGN.md).
+    # drown the cross-attention signal in the decoder's residual stream
+    # (docs/design.md, "The model and the attention core").
     nn.init.normal_(emb.weight, std=cfg.d_model**-0.5)
     with torch.no_grad():
         emb.weight[cfg.pad_id].zero_()

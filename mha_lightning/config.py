@@ -1,0 +1,249 @@
+"""Typed schemas of the config groups that are ours, and the one preflight that validates a run.
+
+The YAML files under ``conf/`` fill these in; each dataclass's defaults equal its default YAML
+(a test holds them together), and each validates its own values in ``__post_init__`` with
+one line naming the key. :func:`preflight` runs every check once, in the launching process,
+before any worker starts (docs/design.md, "Configuration").
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+from mha_lightning.errors import ConfigError
+
+STRATEGIES = ("greedy", "beam")
+
+
+def _from_mapping(cls, values: Optional[Mapping[str, Any]], group: str):
+    """``cls(**values)``, but an unknown key is one line naming the group and the known keys."""
+    values = dict(values or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{group} has no option {unknown[0]!r}; its options are {sorted(known)}")
+    return cls(**values)
+
+
+def _positive_int(key: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    """How validation, test and ``mha-eval`` decode (``module.decoding``)."""
+
+    strategy: str = "greedy"
+    beam_size: int = 4
+    length_penalty: float = 0.6
+    max_extra_len: int = 10  # decode at most source length + this many tokens
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"module.decoding.strategy={self.strategy!r} must be one of {list(STRATEGIES)}")
+        _positive_int("module.decoding.beam_size", self.beam_size)
+        _positive_int("module.decoding.max_extra_len", self.max_extra_len)
+        if not isinstance(self.length_penalty, (int, float)) or self.length_penalty < 0:
+            raise ConfigError(f"module.decoding.length_penalty must be a number >= 0, got {self.length_penalty!r}")
+
+    @property
+    def beam(self) -> int:
+        """The beam width decoding uses: 1 for greedy."""
+        return self.beam_size if self.strategy == "beam" else 1
+
+    @classmethod
+    def from_dict(cls, values: Union["DecodingConfig", Mapping[str, Any], None]) -> "DecodingConfig":
+        """From a config node or a checkpoint's saved dict (missing keys take the defaults)."""
+        if isinstance(values, cls):
+            return values
+        return _from_mapping(cls, values, "module.decoding")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, as saved in checkpoints."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """The per-head entropy monitor (``monitor`` group); every field is a YAML key."""
+
+    enabled: bool = True
+    every_n_steps: int = 50  # measure the training batch every N optimizer steps
+    collapse_threshold: float = 0.05  # warn when a head's normalised entropy falls below this
+    probe: bool = True  # also measure a fixed validation probe set at each validation
+    log_images: bool = True  # layer x head heatmaps to W&B at each measurement
+    render_plots: bool = True  # PNG curves and heatmaps in <run>/plots at the end of training
+
+    def __post_init__(self) -> None:
+        _positive_int("monitor.every_n_steps", self.every_n_steps)
+        threshold = self.collapse_threshold
+        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0.0 <= threshold <= 1.0:
+            raise ConfigError(f"monitor.collapse_threshold must be a number in [0, 1], got {threshold!r}")
+
+    @classmethod
+    def from_dict(cls, values: Optional[Mapping[str, Any]]) -> "MonitorConfig":
+        """From the ``monitor`` config node."""
+        return _from_mapping(cls, values, "monitor")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """The device layout (``parallel`` group); dp x tp must equal devices x nodes."""
+
+    tensor_parallel_size: int = 1
+    data_parallel_size: Union[int, str] = "auto"  # "auto": devices x num_nodes / tensor_parallel_size
+
+    @classmethod
+    def from_dict(cls, values: Optional[Mapping[str, Any]]) -> "ParallelConfig":
+        """From the ``parallel`` config node."""
+        return _from_mapping(cls, values, "parallel")
+
+    def sizes(self, devices: Any, num_nodes: Any) -> tuple[int, int]:
+        """(data_parallel_size, tensor_parallel_size) with "auto" resolved; not yet checked."""
+        _positive_int("trainer.devices", devices)
+        _positive_int("trainer.num_nodes", num_nodes)
+        tp, dp = self.tensor_parallel_size, self.data_parallel_size
+        if dp == "auto":
+            dp = max(1, devices * num_nodes // tp) if isinstance(tp, int) and tp > 0 else 1
+        return dp, tp
+
+
+def model_kwargs(node: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``model`` config node as ``Seq2SeqTransformer`` keyword arguments (no Hydra keys)."""
+    return {k: v for k, v in node.items() if not str(k).startswith("_")}
+
+
+def existing_path(key: str, value: Any) -> Optional[Path]:
+    """``value`` as a Path that must exist, or None when unset."""
+    if value is None:
+        return None
+    path = Path(str(value))
+    if not path.exists():
+        raise ConfigError(f"{key}={value} does not exist; point it at a checkpoint file or sharded checkpoint folder")
+    return path
+
+
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, but a UserError raised by the target reaches the user as itself
+    (Hydra wraps it in an InstantiationException with a stack-trace hint)."""
+    import hydra
+    from hydra.errors import InstantiationException
+
+    from mha_lightning.errors import UserError
+
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything ``train()`` needs to know before it builds anything, validated once."""
+
+    data_parallel_size: int
+    tensor_parallel_size: int
+    decoding: DecodingConfig
+    monitor: MonitorConfig
+    resume: Optional[Any] = None  # CheckpointInfo of ckpt_path
+    init: Optional[Any] = None  # CheckpointInfo of init_from
+
+    @property
+    def world_size(self) -> int:
+        """Processes the run needs (dp x tp)."""
+        return self.data_parallel_size * self.tensor_parallel_size
+
+
+def _check_lengths(data: Mapping[str, Any], model: Mapping[str, Any]) -> None:
+    data_max, model_max = data.get("max_len"), model.get("max_len")
+    if isinstance(data_max, int) and isinstance(model_max, int) and data_max + 1 > model_max:
+        raise ConfigError(
+            f"data.max_len ({data_max}) + 1 (BOS/EOS) exceeds model.max_len ({model_max}); "
+            "raise model.max_len or lower data.max_len"
+        )
+
+
+def _check_trainer(trainer: Mapping[str, Any]) -> None:
+    max_steps = trainer.get("max_steps", -1)
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or (max_steps < 1 and max_steps != -1):
+        raise ConfigError(f"trainer.max_steps must be a positive integer (or -1: train by epochs), got {max_steps!r}")
+
+
+def _check_optimisation(module: Mapping[str, Any]) -> None:
+    """Build the optimizer and schedule once on a dummy parameter, before any worker exists:
+    a bad lr or schedule then fails here in one line, not in every worker mid-setup."""
+    import torch
+
+    from mha_lightning.errors import UserError
+
+    dummy = [torch.nn.Parameter(torch.zeros(1))]
+    try:
+        optimizer = instantiate(module["optimizer"])(params=dummy)
+        if module.get("scheduler"):
+            instantiate(module["scheduler"])(optimizer=optimizer)
+    except UserError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"module.optimizer / module.scheduler: {e}") from None
+
+
+def _checkpoint(key: str, value: Any, model: Mapping[str, Any]):
+    from mha_lightning.checkpoints import check_compatible, read_info
+
+    path = existing_path(key, value)
+    if path is None:
+        return None
+    info = read_info(path, key)
+    check_compatible(info, dict(model), key)
+    return info
+
+
+def _check_resume_layout(info, dp: int, tp: int) -> None:
+    """A sharded checkpoint folder resumes only at the (dp, tp) that wrote it."""
+    saved = info.run_config
+    if not info.sharded or not saved:
+        return
+    trainer = saved.get("trainer") or {}
+    saved_dp, saved_tp = ParallelConfig.from_dict(saved.get("parallel")).sizes(
+        trainer.get("devices", 1), trainer.get("num_nodes", 1))
+    if (saved_dp, saved_tp) != (dp, tp):
+        from mha_lightning.errors import CheckpointError
+
+        raise CheckpointError(
+            f"ckpt_path={info.path} was written at (dp={saved_dp}, tp={saved_tp}) and resumes only there (this run: "
+            f"dp={dp}, tp={tp}); to change the layout: mha-consolidate {info.path} model.ckpt, then init_from=model.ckpt"
+        )
+
+
+def preflight(cfg: Any) -> RunPlan:
+    """Validate a composed ``mha-train`` config once -> the run plan; one ``UserError`` line if anything is off.
+
+    Reads each checkpoint's metadata once (never its tensors) and writes nothing."""
+    from omegaconf import OmegaConf
+
+    from mha_lightning.model import TransformerConfig
+    from mha_lightning.parallel import validate_parallel_config
+
+    c = OmegaConf.to_container(cfg, resolve=True)
+    model = model_kwargs(c["model"])
+    TransformerConfig(**model)  # the model's own checks, named model.<key>
+    trainer = c.get("trainer") or {}
+    _check_trainer(trainer)
+    dp, tp = ParallelConfig.from_dict(c.get("parallel")).sizes(trainer.get("devices", 1), trainer.get("num_nodes", 1))
+    validate_parallel_config(model["num_heads"], model["ffn_dim"], dp, tp, trainer.get("devices", 1),
+                             trainer.get("num_nodes", 1))
+    _check_lengths(c.get("data") or {}, model)
+    module = c.get("module") or {}
+    decoding = DecodingConfig.from_dict(module.get("decoding"))
+    monitor = MonitorConfig.from_dict(c.get("monitor"))
+    resume = _checkpoint("ckpt_path", c.get("ckpt_path"), model)
+    if resume is not None:
+        _check_resume_layout(resume, dp, tp)
+    init = _checkpoint("init_from", c.get("init_from"), model)
+    _check_optimisation(cfg.module)
+    return RunPlan(dp, tp, decoding, monitor, resume, init)

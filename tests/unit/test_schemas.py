@@ -1,0 +1,93 @@
+"""One config schema: dataclass defaults equal the default YAML, and preflight validates once."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mha_lightning.checkpoints import read_info
+from mha_lightning.config import DecodingConfig, MonitorConfig, ParallelConfig, preflight
+from mha_lightning.errors import CheckpointError, ConfigError, UserError
+from mha_lightning.model import TransformerConfig
+
+
+def defaults(cls) -> dict:
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+def test_every_schema_default_is_its_default_yaml(make_cfg):
+    cfg = OmegaConf.to_container(make_cfg(), resolve=True)
+    model = {k: v for k, v in cfg["model"].items() if not k.startswith("_")}
+    schema = defaults(TransformerConfig)
+    assert set(model) - {"vocab_size"} == set(schema) - {"pad_id"}, "model YAML and TransformerConfig keys differ"
+    assert {k: model[k] for k in schema if k in model} == {k: v for k, v in schema.items() if k in model}
+    assert cfg["module"]["decoding"] == defaults(DecodingConfig)
+    assert cfg["monitor"] == defaults(MonitorConfig)
+    assert cfg["parallel"] == defaults(ParallelConfig)
+
+
+def test_monitor_yaml_exposes_every_setting_of_the_callback(make_cfg):
+    from mha_lightning.monitor.callback import EntropyMonitor
+    import inspect
+
+    params = set(inspect.signature(EntropyMonitor).parameters) - {"output_dir"}
+    assert params == set(make_cfg().monitor) - {"enabled"}
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("monitor.collapse_threshold=1.5", "monitor.collapse_threshold"),
+        ("monitor.every_n_steps=0", "monitor.every_n_steps"),
+        ("+monitor.every_n_step=3", "monitor has no option 'every_n_step'"),
+        ("trainer.max_steps=-5", "trainer.max_steps"),
+        ("module.decoding.strategy=sample", "module.decoding.strategy"),
+        ("module.decoding.beam_size=0", "module.decoding.beam_size"),
+        ("module.decoding.length_penalty=-1", "module.decoding.length_penalty"),
+        ("model.num_heads=0", "model.num_heads"),
+        ("model.activation=tanh", "model.activation"),
+        ("parallel.data_parallel_size=3", "parallel.data_parallel_size (3) x parallel.tensor_parallel_size (1)"),
+        ("parallel.tensor_parallel_size=3", "model.num_heads (4) must be divisible"),
+        ("data.max_len=200", "data.max_len (200) + 1"),
+        ("module.optimizer.lr=-1", "module.optimizer"),
+        ("ckpt_path=/no/such/file.ckpt", "ckpt_path=/no/such/file.ckpt does not exist"),
+        ("init_from=/no/such/dir", "init_from=/no/such/dir does not exist"),
+    ],
+)
+def test_preflight_names_the_bad_value_in_one_line(make_cfg, override, needle):
+    with pytest.raises(UserError) as info:
+        preflight(make_cfg(override))
+    message = str(info.value)
+    assert needle in message and "\n" not in message, message
+
+
+def test_preflight_plan_resolves_the_layout(make_cfg):
+    plan = preflight(make_cfg("trainer.devices=4", "parallel.tensor_parallel_size=2"))
+    assert (plan.data_parallel_size, plan.tensor_parallel_size, plan.world_size) == (2, 2, 4)
+    assert plan.decoding == DecodingConfig() and plan.monitor == MonitorConfig()
+    assert plan.resume is None and plan.init is None
+
+
+def test_decoding_from_a_checkpoint_dict_fills_missing_keys_and_refuses_unknown_ones():
+    assert DecodingConfig.from_dict({"strategy": "beam"}).beam == 4
+    assert DecodingConfig.from_dict(None).beam == 1
+    with pytest.raises(ConfigError, match="module.decoding has no option 'beams'"):
+        DecodingConfig.from_dict({"beams": 3})
+
+
+def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    """A pickle that would create a file when unpickled: weights_only loading refuses it."""
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "crafted.ckpt"
+    torch.save({"hyper_parameters": {"model_config": {}}, "payload": Payload()}, path)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        read_info(path, "ckpt_path")
+    assert not marker.exists()
