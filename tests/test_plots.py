@@ -1,4 +1,5 @@
-"""Tests for mha_lightning.monitor.plots (entropy CSV loading, figures, mha-plot CLI)."""
+"""Tests for the entropy record (mha_lightning.monitor.record: writing, loading, slicing) and its
+plots (mha_lightning.monitor.plots: figures, the W&B heatmap image, mha-plot CLI)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,17 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from mha_lightning.errors import DataError
-from mha_lightning.monitor import plots
+from mha_lightning.monitor import plots, record
 from mha_lightning.monitor.plots import (
-    CSV_NAME,
-    entropy_matrix,
     figure_to_array,
     figure_to_png,
+    heatmap_array,
     heatmap_figure,
-    load_entropy_csv,
     main,
     plot_entropy_over_steps,
     render_all,
 )
+from mha_lightning.monitor.record import CSV_NAME, append_rows, entropy_matrix, load_entropy_csv, record_path
 
 KINDS = ("enc_self", "dec_self", "cross")
 SPLITS = ("train", "val")
@@ -182,7 +182,53 @@ def test_load_missing_file(tmp_path: Path) -> None:
         load_entropy_csv(tmp_path / "nope.csv")
 
 
+def test_writer_round_trips_through_the_reader(tmp_path: Path) -> None:
+    """What the training callback appends reads back exactly: values, NaN norms, steps, splits."""
+    rng = np.random.default_rng(1)
+    layers = {"enc_self": 2, "dec_self": 3, "cross": 3}  # kinds may differ in depth
+    written = {}  # (step, split) -> {kind: (entropy, normalised)}
+    for step, split in [(0, "train"), (5, "train"), (5, "val"), (10, "train")]:
+        values = {}
+        for kind, n_layers in layers.items():
+            # whole millionths (the 6 decimals the record stores): n / 1e6 is the double nearest
+            # the decimal, as the reader parses it, so equality below is exact
+            ent = rng.integers(0, 3_000_000, size=(n_layers, HEADS)) / 1e6
+            norm = rng.integers(0, 1_000_001, size=(n_layers, HEADS)) / 1e6
+            norm[0, HEADS - 1] = np.nan  # a head whose queries each see a single key
+            values[kind] = (ent, norm)
+        written[(step, split)] = values
+    path = record_path(tmp_path / "new" / "run")  # the writer creates missing folders
+    assert path == tmp_path / "new" / "run" / CSV_NAME
+    for (step, split), values in written.items():
+        append_rows(path, split, step, values)
+
+    assert path.read_text().count("step,split,kind") == 1  # header written once, on creation
+    t = load_entropy_csv(path)
+    assert len(t) == sum(n * HEADS for n in layers.values()) * len(written)
+    assert t.splits() == ["train", "val"]
+    assert t.steps("train") == [0, 5, 10] and t.steps("val") == [5]
+    assert t.kinds() == list(KINDS)
+    for (step, split), values in written.items():
+        for kind, (ent, norm) in values.items():
+            assert t.shape(kind) == ent.shape
+            np.testing.assert_array_equal(entropy_matrix(t, step, split, kind, "entropy"), ent)
+            got = entropy_matrix(t, step, split, kind, "entropy_norm")
+            np.testing.assert_array_equal(got, norm)  # NaN where NaN, equal elsewhere
+            assert np.isnan(got[0, HEADS - 1])
+
+
 # --------------------------------------------------------------------------- figures
+
+
+def test_heatmap_array_is_a_numpy_image_with_grey_nan() -> None:
+    norm = np.array([[0.0, 0.5, 1.0], [np.nan, 2.0, -1.0]])  # out-of-range values clip to the ends
+    img = heatmap_array(norm, cell=4)
+    assert img.dtype == np.uint8 and img.shape == (2 * 4, 3 * 4, 3)
+    cells = img[::4, ::4]
+    assert (img == np.kron(cells, np.ones((4, 4, 1), dtype=np.uint8))).all()  # solid cells
+    assert (cells[1, 0] == 128).all()  # NaN -> grey
+    assert (cells[1, 1] == cells[0, 2]).all() and (cells[1, 2] == cells[0, 0]).all()
+    assert not (cells[0, 0] == cells[0, 1]).all() and not (cells[0, 1] == cells[0, 2]).all()
 
 
 def test_heatmap_and_figure_to_array(tmp_path: Path) -> None:
@@ -314,11 +360,12 @@ def test_main_unknown_split_and_argparse_errors(tmp_path: Path, capsys: pytest.C
     assert "mha-plot" in capsys.readouterr().out
 
 
-def test_module_does_not_import_pyplot() -> None:
+@pytest.mark.parametrize("module", [plots, record], ids=["plots", "record"])
+def test_module_does_not_import_pyplot(module) -> None:
     """No pyplot: its global figure registry and backend selection must stay untouched."""
     import ast
 
-    tree = ast.parse(Path(plots.__file__).read_text())
+    tree = ast.parse(Path(module.__file__).read_text())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -327,3 +374,5 @@ def test_module_does_not_import_pyplot() -> None:
             imported.add(node.module or "")
             imported.update(f"{node.module}.{a.name}" for a in node.names)
     assert not any("pyplot" in name for name in imported), imported
+    if module is record:  # the record is data only: rendering lives in plots
+        assert not any("matplotlib" in name for name in imported), imported

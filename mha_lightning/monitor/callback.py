@@ -8,9 +8,7 @@ fixed probe set (keys prefixed ``val_``), so curves compare across steps. Only g
 
 from __future__ import annotations
 
-import csv
 import logging
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -18,13 +16,14 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.pytorch.loggers import WandbLogger
 
 from mha_lightning.model import ATTENTION_KINDS, ProbingCore
 from mha_lightning.monitor.entropy import HeadEntropyAccumulator, finalize, global_head_state
+from mha_lightning.monitor.plots import heatmap_array, render_all
+from mha_lightning.monitor.record import append_rows, record_path
 
 log = logging.getLogger(__name__)
-CSV_NAME = "attention_entropy.csv"
-CSV_COLUMNS = ("step", "split", "kind", "layer", "head", "entropy", "entropy_norm")
 
 
 class EntropyMonitor(L.Callback):
@@ -139,7 +138,7 @@ class EntropyMonitor(L.Callback):
             logger.log_metrics(metrics, step=step)
         if self.log_images:
             self._log_heatmaps(trainer, split, step, values)
-        self._append_csv(split, step, values)
+        append_rows(record_path(self.output_dir), split, step, values)
 
     def _collapse_check(self, split: str, step: int, values) -> dict[str, float]:
         """Zhai et al. 2023: heads whose normalised entropy falls near 0 attend to one key."""
@@ -159,7 +158,7 @@ class EntropyMonitor(L.Callback):
         return counts
 
     def _log_heatmaps(self, trainer, split: str, step: int, values) -> None:
-        wandb_loggers = [lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         if not wandb_loggers:
             return
         images = [heatmap_array(norm) for _, norm in values.values()]
@@ -167,19 +166,6 @@ class EntropyMonitor(L.Callback):
                     for kind in values]
         for lg in wandb_loggers:
             lg.log_image(key=f"attn_heatmap/{split}", images=images, step=step, caption=captions)
-
-    def _append_csv(self, split: str, step: int, values) -> None:
-        path = self.output_dir / CSV_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(CSV_COLUMNS)
-            for kind, (ent, norm) in values.items():
-                for (layer, head), h in np.ndenumerate(ent):
-                    n = norm[layer, head]
-                    writer.writerow([step, split, kind, layer, head, f"{h:.6f}", "" if math.isnan(n) else f"{n:.6f}"])
 
     # ------------------------------------------------------------------ end of training
     def on_fit_end(self, trainer, pl_module) -> None:
@@ -192,32 +178,10 @@ class EntropyMonitor(L.Callback):
             for (layer, head), _ in np.ndenumerate(ent)
         ]
         for lg in trainer.loggers:
-            if type(lg).__name__ == "WandbLogger":
+            if isinstance(lg, WandbLogger):
                 lg.log_table(key="attn_entropy/final", columns=["split", "kind", "layer", "head", "entropy",
                                                                 "entropy_norm"], data=rows)
-        csv_path = self.output_dir / CSV_NAME
+        csv_path = record_path(self.output_dir)
         if self.render_plots and csv_path.exists():
-            from mha_lightning.monitor.plots import render_all
-
             for split in self.latest:
                 render_all(csv_path, self.output_dir / "plots", split=split, value="entropy_norm")
-
-
-_VIRIDIS: Optional[np.ndarray] = None
-
-
-def heatmap_array(values: np.ndarray, cell: int = 24) -> np.ndarray:
-    """(layers, heads) in [0, 1] -> (layers*cell, heads*cell, 3) uint8 viridis image, NaN grey.
-
-    Built with numpy alone: cheap enough to send at every logging interval (matplotlib
-    figures with labels are drawn by `mha-plot` and at the end of training)."""
-    global _VIRIDIS
-    if _VIRIDIS is None:
-        from matplotlib import colormaps
-
-        _VIRIDIS = (colormaps["viridis"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
-    idx = (np.clip(np.nan_to_num(values, nan=0.0), 0, 1) * 255).astype(int)
-    rgb = _VIRIDIS[idx]
-    rgb[np.isnan(values)] = 128
-    return np.kron(rgb, np.ones((cell, cell, 1), dtype=np.uint8))
-

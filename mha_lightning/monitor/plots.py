@@ -1,15 +1,11 @@
-"""Plots of per-head attention entropy from a run's ``attention_entropy.csv``.
+"""Plots of per-head attention entropy: the record's numbers drawn as pictures.
 
-The training run writes a long-format CSV (one row per step x split x kind x layer x
-head)::
-
-    step,split,kind,layer,head,entropy,entropy_norm
-
-This module reads it (:func:`load_entropy_csv`), slices it into layer x head matrices
-(:func:`entropy_matrix`) or per-step curves, and draws them with matplotlib's
-object-oriented API (``Figure`` + ``FigureCanvasAgg``): no pyplot, no global backend
-switch, so it is safe to call from a training process (e.g. a W&B callback that logs
-:func:`figure_to_array` output as an image) and on headless machines.
+The numbers come from a run's entropy record (``attention_entropy.csv``), which
+:mod:`mha_lightning.monitor.record` writes and reads; this module only draws. Figures use
+matplotlib's object-oriented API (``Figure`` + ``FigureCanvasAgg``): no pyplot, no global
+backend switch, so it is safe to call from a training process and on headless machines.
+:func:`heatmap_array` is the exception that needs no figure at all: a numpy-only image
+cheap enough for the training callback to send to W&B at every logging interval.
 
 ``mha-plot RUN_DIR_OR_CSV`` (:func:`main`) renders every plot into ``RUN_DIR/plots``.
 """
@@ -17,11 +13,8 @@ switch, so it is safe to call from a training process (e.g. a W&B callback that 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -32,6 +25,26 @@ from matplotlib.ticker import MaxNLocator
 
 from mha_lightning.errors import ConfigError, DataError, UserError
 
+# The record's names stay importable from here, where mha-plot users found them before
+# record.py existed; the package itself imports them from record.
+from mha_lightning.monitor.record import (
+    COLUMNS,
+    CSV_NAME,
+    KINDS,
+    SPLITS,
+    VALUES,
+    EntropyTable,
+    _short,
+    as_table,
+    check_split_kind,
+    check_steps,
+    check_value,
+    entropy_cube,
+    entropy_matrix,
+    load_entropy_csv,
+    record_path,
+)
+
 __all__ = [
     "CSV_NAME",
     "COLUMNS",
@@ -41,6 +54,7 @@ __all__ = [
     "EntropyTable",
     "load_entropy_csv",
     "entropy_matrix",
+    "heatmap_array",
     "heatmap_figure",
     "figure_to_png",
     "figure_to_array",
@@ -49,323 +63,14 @@ __all__ = [
     "main",
 ]
 
-CSV_NAME = "attention_entropy.csv"
-COLUMNS = ("step", "split", "kind", "layer", "head", "entropy", "entropy_norm")
-KINDS = ("enc_self", "dec_self", "cross")
-SPLITS = ("train", "val")
-VALUES = ("entropy", "entropy_norm")
-
 _VALUE_LABELS = {"entropy": "entropy (nats)", "entropy_norm": "normalised entropy"}
 _KIND_LABELS = {
     "enc_self": "encoder self-attention",
     "dec_self": "decoder self-attention",
     "cross": "cross-attention",
 }
-# Sanity cap on layer/head indices: a corrupt value like 1e9 must not allocate a huge matrix.
-_MAX_INDEX = 100_000
 _ANNOTATE_MAX = 16  # annotate heatmap cells when both dimensions are <= this
 _PNG_DPI = 150
-
-
-# --------------------------------------------------------------------------- loading
-
-
-@dataclass(frozen=True)
-class EntropyTable:
-    """Columnar view of an entropy CSV: one numpy array per column, all the same length.
-
-    ``source`` names where the rows came from (the CSV path) for error messages.
-    Duplicate (step, split, kind, layer, head) rows are allowed (e.g. a resumed run
-    that re-logged a step); the later row wins when slicing.
-    """
-
-    step: np.ndarray  # int64
-    split: np.ndarray  # str
-    kind: np.ndarray  # str
-    layer: np.ndarray  # int64
-    head: np.ndarray  # int64
-    entropy: np.ndarray  # float64
-    entropy_norm: np.ndarray  # float64, NaN where undefined
-    source: str = "<records>"
-
-    def __len__(self) -> int:
-        return int(self.step.shape[0])
-
-    @classmethod
-    def from_records(
-        cls, records: Iterable[Mapping[str, Any]], source: str = "<records>"
-    ) -> "EntropyTable":
-        """Build a table from dicts with the CSV's column names (values may be str or numbers)."""
-        cols: dict[str, list[Any]] = {c: [] for c in COLUMNS}
-        for i, rec in enumerate(records):
-            missing = [c for c in COLUMNS if c not in rec and c != "entropy_norm"]
-            if missing:
-                raise DataError(
-                    f"{source}: record {i} lacks {', '.join(missing)}; "
-                    f"each record needs the keys {', '.join(COLUMNS)}"
-                )
-            for c in COLUMNS:
-                v = rec.get(c, "")
-                if isinstance(v, (float, np.floating)) and c in ("step", "layer", "head") and float(v).is_integer():
-                    v = int(v)
-                cols[c].append("" if v is None else str(v).strip())
-        return _build_table(cols, list(range(len(cols["step"]))), source, where="record")
-
-    def splits(self) -> list[str]:
-        return _ordered(np.unique(self.split).tolist(), SPLITS)
-
-    def kinds(self, split: str | None = None) -> list[str]:
-        sel = self.kind if split is None else self.kind[self.split == split]
-        return _ordered(np.unique(sel).tolist(), KINDS)
-
-    def steps(self, split: str | None = None) -> list[int]:
-        sel = self.step if split is None else self.step[self.split == split]
-        return [int(s) for s in np.unique(sel)]
-
-    def shape(self, kind: str) -> tuple[int, int]:
-        """(layers, heads) for ``kind``: 1 + the largest index seen in any step or split."""
-        m = self.kind == kind
-        if not m.any():
-            return (0, 0)
-        return int(self.layer[m].max()) + 1, int(self.head[m].max()) + 1
-
-    def values(self, value: str) -> np.ndarray:
-        _check_value(value)
-        return self.entropy if value == "entropy" else self.entropy_norm
-
-
-def _ordered(items: Sequence[str], canonical: Sequence[str]) -> list[str]:
-    """Items in canonical order first, then any others alphabetically."""
-    known = [c for c in canonical if c in items]
-    return known + sorted(i for i in items if i not in canonical)
-
-
-def _short(text: str, limit: int = 40) -> str:
-    text = " ".join(str(text).split())  # one line, whatever the value held
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _list_preview(items: Sequence[Any], limit: int = 10) -> str:
-    shown = ", ".join(str(i) for i in items[:limit])
-    if len(items) > limit:
-        shown += f", ... ({len(items)} in total, last {items[-1]})"
-    return shown
-
-
-def load_entropy_csv(path: str | Path) -> EntropyTable:
-    """Read ``attention_entropy.csv`` into an :class:`EntropyTable`.
-
-    Raises :class:`DataError` (one line, naming the file and line) when the file is
-    missing or unreadable, lacks a column, or holds a non-numeric value. Blank lines and
-    extra columns are ignored; an empty ``entropy_norm`` reads as NaN. A final line
-    without a trailing newline that is cut short (the run is still writing) is skipped.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise DataError(f"{path} is a directory, not a CSV; pass the CSV file or use mha-plot RUN_DIR")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(
-            f"entropy CSV {path} not found; pass the {CSV_NAME} written by a training run "
-            "(it appears in the run directory once entropy has been logged)"
-        ) from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not a UTF-8 text CSV ({_short(str(e), 80)}); pass the {CSV_NAME} of a run") from None
-    except OSError as e:
-        raise DataError(f"cannot read entropy CSV {path}: {_short(e.strerror or str(e), 80)}") from None
-
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = next(reader, None)
-        while header is not None and not any(h.strip() for h in header):
-            header = next(reader, None)
-        if header is None:
-            raise DataError(
-                f"{path} is empty; expected a header '{','.join(COLUMNS)}' and data rows "
-                "(has the run logged any entropy yet?)"
-            )
-        header = [h.strip() for h in header]
-        missing = [c for c in COLUMNS if c not in header]
-        if missing:
-            raise DataError(
-                f"{path} line {reader.line_num}: header lacks column(s) {', '.join(missing)}; "
-                f"expected '{','.join(COLUMNS)}' (got '{_short(','.join(header), 80)}')"
-            )
-        idx = [header.index(c) for c in COLUMNS]
-        need = max(idx) + 1
-        cols: dict[str, list[str]] = {c: [] for c in COLUMNS}
-        lines: list[int] = []
-        short_row: tuple[int, int] | None = None
-        data_after_short = False
-        for row in reader:
-            if not any(f.strip() for f in row):
-                continue
-            if short_row is not None:  # a short row followed by more data: corrupt, not in-progress
-                data_after_short = True
-                break
-            if len(row) < need:
-                short_row = (reader.line_num, len(row))
-                continue
-            for c, j in zip(COLUMNS, idx):
-                cols[c].append(row[j].strip())
-            lines.append(reader.line_num)
-    except csv.Error as e:
-        raise DataError(f"{path} line {reader.line_num}: malformed CSV ({_short(str(e), 80)}); fix or regenerate the file") from None
-
-    if short_row is not None and (data_after_short or text.endswith(("\n", "\r"))):
-        line, n = short_row
-        raise DataError(
-            f"{path} line {line}: {n} field(s) but the header has {len(header)}; "
-            "fix or remove that line (was the file truncated or edited?)"
-        )
-    if not lines:
-        raise DataError(
-            f"{path} has a header but no data rows; train until entropy is logged, then rerun"
-        )
-    return _build_table(cols, lines, str(path), where="line")
-
-
-def _build_table(cols: dict[str, list[str]], lines: list[int], source: str, where: str) -> EntropyTable:
-    if not lines:
-        raise DataError(f"{source}: no entropy rows; nothing to plot")
-    ints = {c: _to_numeric(cols[c], c, np.int64, lines, source, where) for c in ("step", "layer", "head")}
-    floats = {
-        c: _to_numeric(cols[c], c, np.float64, lines, source, where, allow_empty=(c == "entropy_norm"))
-        for c in ("entropy", "entropy_norm")
-    }
-    for c in ("split", "kind"):
-        empty = [i for i, v in enumerate(cols[c]) if not v]
-        if empty:
-            raise DataError(f"{source} {where} {lines[empty[0]]}: empty '{c}'; fill it in or remove the row")
-    for c in ("layer", "head"):
-        a = ints[c]
-        bad = np.flatnonzero((a < 0) | (a > _MAX_INDEX))
-        if bad.size:
-            i = int(bad[0])
-            raise DataError(
-                f"{source} {where} {lines[i]}: {c} {int(a[i])} is out of range (expected a 0-based "
-                f"index below {_MAX_INDEX}); fix or remove the row"
-            )
-    return EntropyTable(
-        step=ints["step"],
-        split=np.asarray(cols["split"], dtype=str),
-        kind=np.asarray(cols["kind"], dtype=str),
-        layer=ints["layer"],
-        head=ints["head"],
-        entropy=floats["entropy"],
-        entropy_norm=floats["entropy_norm"],
-        source=source,
-    )
-
-
-def _to_numeric(
-    raw: list[str],
-    name: str,
-    dtype: type,
-    lines: list[int],
-    source: str,
-    where: str,
-    allow_empty: bool = False,
-) -> np.ndarray:
-    """Vectorised conversion; on failure find the first bad cell so the message can name it."""
-    is_int = dtype is np.int64
-    vals = ["nan" if (allow_empty and v == "") else v for v in raw]
-    try:
-        if is_int:
-            return np.array([int(v) for v in vals], dtype=np.int64)
-        return np.asarray(vals, dtype=str).astype(np.float64)
-    except (ValueError, OverflowError):
-        pass
-    conv = int if is_int else float
-    for i, v in enumerate(vals):
-        try:
-            conv(v)
-        except (ValueError, OverflowError):
-            kind = "an integer" if is_int else "a number"
-            shown = repr(_short(v)) if v else "empty"
-            raise DataError(
-                f"{source} {where} {lines[i]}: {name} is {shown}, expected {kind}; "
-                "fix or remove the row (or regenerate the CSV)"
-            ) from None
-    raise DataError(f"{source}: column {name} holds values that are not {'integers' if is_int else 'numbers'}")
-
-
-def _as_table(rows: Any) -> EntropyTable:
-    if isinstance(rows, EntropyTable):
-        return rows
-    if isinstance(rows, (str, Path)):
-        return load_entropy_csv(rows)
-    return EntropyTable.from_records(rows)
-
-
-def _check_value(value: str) -> None:
-    if value not in VALUES:
-        raise ConfigError(f"value {value!r} is not one of {', '.join(VALUES)}; pick one of those")
-
-
-def _check_split_kind(t: EntropyTable, split: str, kind: str | None) -> None:
-    splits = t.splits()
-    if split not in splits:
-        raise DataError(
-            f"{t.source} has no rows for split {split!r}; available splits: {', '.join(splits)}"
-        )
-    if kind is not None:
-        kinds = t.kinds(split)
-        if kind not in kinds:
-            raise DataError(
-                f"{t.source} has no {split} rows for kind {kind!r}; available kinds: {', '.join(kinds)}"
-            )
-
-
-def _check_steps(t: EntropyTable, split: str, steps: Iterable[int]) -> list[int]:
-    avail = t.steps(split)
-    aset = set(avail)
-    steps = [int(s) for s in steps]
-    missing = [s for s in steps if s not in aset]
-    if missing:
-        raise DataError(
-            f"{t.source}: step(s) {', '.join(map(str, missing))} not logged for split {split!r}; "
-            f"available steps: {_list_preview(avail)}"
-        )
-    return steps
-
-
-# --------------------------------------------------------------------------- slicing
-
-
-def entropy_matrix(
-    rows: EntropyTable | Iterable[Mapping[str, Any]] | str | Path,
-    step: int,
-    split: str,
-    kind: str,
-    value: str = "entropy",
-) -> np.ndarray:
-    """``value`` at (``step``, ``split``, ``kind``) as a float (layers, heads) array.
-
-    The shape is the kind's full size over the whole table, so matrices of different steps
-    line up; cells with no row are NaN. Raises :class:`DataError` if the split, kind or
-    step is not in the table at all.
-    """
-    t = _as_table(rows)
-    _check_value(value)
-    _check_split_kind(t, split, kind)
-    _check_steps(t, split, [step])
-    n_layers, n_heads = t.shape(kind)
-    out = np.full((n_layers, n_heads), np.nan, dtype=np.float64)
-    m = (t.step == int(step)) & (t.split == split) & (t.kind == kind)
-    out[t.layer[m], t.head[m]] = t.values(value)[m]  # later duplicates win
-    return out
-
-
-def _cube(t: EntropyTable, split: str, kind: str, value: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, array[n_steps, layers, heads]) of ``value`` for one split and kind."""
-    m = (t.split == split) & (t.kind == kind)
-    steps = np.unique(t.step[m])
-    n_layers, n_heads = t.shape(kind)
-    cube = np.full((steps.size, n_layers, n_heads), np.nan, dtype=np.float64)
-    cube[np.searchsorted(steps, t.step[m]), t.layer[m], t.head[m]] = t.values(value)[m]
-    return steps, cube
 
 
 # --------------------------------------------------------------------------- figures
@@ -385,6 +90,25 @@ def _fmt_cell(v: float) -> str:
 
 def _tick_step(n: int, max_labels: int = 32) -> int:
     return max(1, math.ceil(n / max_labels))
+
+
+_VIRIDIS: np.ndarray | None = None  # viridis as a (256, 3) uint8 lookup table, built on first use
+
+
+def heatmap_array(values: np.ndarray, cell: int = 24) -> np.ndarray:
+    """(layers, heads) in [0, 1] -> (layers*cell, heads*cell, 3) uint8 viridis image, NaN grey.
+
+    Built with numpy alone: cheap enough to send at every logging interval (matplotlib
+    figures with labels are drawn by `mha-plot` and at the end of training)."""
+    global _VIRIDIS
+    if _VIRIDIS is None:
+        from matplotlib import colormaps
+
+        _VIRIDIS = (colormaps["viridis"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+    idx = (np.clip(np.nan_to_num(values, nan=0.0), 0, 1) * 255).astype(int)
+    rgb = _VIRIDIS[idx]
+    rgb[np.isnan(values)] = 128
+    return np.kron(rgb, np.ones((cell, cell, 1), dtype=np.uint8))
 
 
 def heatmap_figure(
@@ -506,10 +230,10 @@ def plot_entropy_over_steps(
     Subplots share the y axis; heads are told apart by colour (a legend up to 20 heads,
     a colorbar of head index beyond that).
     """
-    t = _as_table(rows)
-    _check_value(value)
-    _check_split_kind(t, split, kind)
-    steps, cube = _cube(t, split, kind, value)
+    t = as_table(rows)
+    check_value(value)
+    check_split_kind(t, split, kind)
+    steps, cube = entropy_cube(t, split, kind, value)
     _, n_layers, n_heads = cube.shape
 
     ncols = min(3, n_layers)
@@ -594,13 +318,13 @@ def render_all(
     compare directly. Everything is validated before anything is written.
     """
     t = load_entropy_csv(csv_path)
-    _check_value(value)
-    _check_split_kind(t, split, None)
+    check_value(value)
+    check_split_kind(t, split, None)
     avail = t.steps(split)
     if steps is None or len(steps) == 0:
         chosen = sorted({avail[0], avail[-1]})
     else:
-        chosen = list(dict.fromkeys(_check_steps(t, split, steps)))  # dedupe, keep order
+        chosen = list(dict.fromkeys(check_steps(t, split, steps)))  # dedupe, keep order
 
     out = Path(out_dir)
     try:
@@ -636,7 +360,7 @@ def render_all(
 
 def _resolve_csv(target: Path) -> Path:
     if target.is_dir():
-        csv_path = target / CSV_NAME
+        csv_path = record_path(target)
         if not csv_path.is_file():
             raise DataError(
                 f"run directory {target} has no {CSV_NAME}; pass the directory of a run that has "
