@@ -127,7 +127,15 @@ class Seq2SeqModule(L.LightningModule):
         mesh = self.device_mesh
         if mesh is not None:
             return mesh["data_parallel"].size()
-        return self.trainer.world_size if self._trainer is not None else 1
+        trainer = self._attached_trainer()
+        return trainer.world_size if trainer is not None else 1
+
+    def _attached_trainer(self) -> Optional[L.Trainer]:
+        """The trainer running this module, or None outside ``fit``/``test`` (e.g. in a notebook)."""
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
 
     # ----------------------------------------------------------------- steps
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
@@ -170,7 +178,8 @@ class Seq2SeqModule(L.LightningModule):
         ref_p = F.pad(tgt_out, (0, L - tgt_out.shape[1]), value=PAD_ID)
         m["exact_match"]((hyp_p == ref_p).all(dim=1).float())
         self.log(f"{prefix}/exact_match", m["exact_match"], batch_size=bsz, prog_bar=prefix == "val")
-        dm = self.trainer.datamodule if self._trainer is not None else None
+        trainer = self._attached_trainer()
+        dm = trainer.datamodule if trainer is not None else None
         if dm is not None and getattr(dm, "is_text", False):
             hyps = [dm.detokenize(h) for h in hyp.tolist()]
             refs = [[dm.detokenize(r)] for r in tgt_out.tolist()]

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,8 +50,7 @@ def build_callbacks(cfg: DictConfig, monitor: MonitorConfig) -> list:
     if monitor.enabled:
         from mha_lightning.monitor.callback import EntropyMonitor
 
-        settings = {k: v for k, v in asdict(monitor).items() if k != "enabled"}
-        callbacks.append(EntropyMonitor(output_dir=cfg.paths.output_dir, **settings))
+        callbacks.append(EntropyMonitor(monitor, output_dir=cfg.paths.output_dir))
     return callbacks
 
 

@@ -26,6 +26,7 @@ from mha_lightning.data import SyntheticDataModule
 from mha_lightning.loggers import wandb_logger
 from mha_lightning.model import Seq2SeqTransformer
 from mha_lightning.module import Seq2SeqModule
+from mha_lightning.config import MonitorConfig
 from mha_lightning.monitor.callback import EntropyMonitor
 
 MODELS = {
@@ -56,8 +57,8 @@ def run_once(args, every_n_steps: int | None, workdir: Path) -> tuple[float, int
     timer = StepTimer()
     callbacks = [timer]
     if every_n_steps is not None:
-        callbacks.append(EntropyMonitor(output_dir=str(workdir), every_n_steps=every_n_steps, render_plots=False,
-                                        probe=False))
+        config = MonitorConfig(every_n_steps=every_n_steps, render_plots=False, probe=False)
+        callbacks.append(EntropyMonitor(config, output_dir=str(workdir)))
     trainer = L.Trainer(
         accelerator="auto", devices=1, max_steps=args.steps, limit_val_batches=0, logger=wandb_logger(
             offline=True, save_dir=str(workdir), project="bench"),

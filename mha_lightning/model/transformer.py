@@ -24,7 +24,6 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 DoneSync = Callable[[bool], bool]
 # Given (attention kind, layer index), return the core module that attention should use.
 CoreFactory = Callable[[str, int], nn.Module]
-ATTENTION_KINDS = ("enc_self", "dec_self", "cross")
 
 
 @dataclass

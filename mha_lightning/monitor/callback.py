@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import WandbLogger
 
+from mha_lightning.config import MonitorConfig
 from mha_lightning.model import ATTENTION_KINDS, ProbingCore
 from mha_lightning.monitor.entropy import HeadEntropyAccumulator, finalize, global_head_state
 from mha_lightning.monitor.plots import heatmap_array, render_all
@@ -27,25 +28,18 @@ log = logging.getLogger(__name__)
 
 
 class EntropyMonitor(L.Callback):
-    def __init__(
-        self,
-        output_dir: Optional[str] = None,
-        every_n_steps: int = 50,
-        collapse_threshold: float = 0.05,
-        log_images: bool = True,
-        render_plots: bool = True,
-        probe: bool = True,
-    ) -> None:
-        if every_n_steps < 1:
-            from mha_lightning.errors import ConfigError
+    """Measures every head's attention entropy while training (see the module docstring).
 
-            raise ConfigError(f"monitor.every_n_steps must be a positive integer, got {every_n_steps}")
+    ``config`` is the ``monitor`` group (:class:`MonitorConfig`, validated when built); files go
+    to ``output_dir`` (default: the trainer's ``default_root_dir``)."""
+
+    def __init__(self, config: MonitorConfig = MonitorConfig(), output_dir: Optional[str] = None) -> None:
         self.output_dir = Path(output_dir) if output_dir else None
-        self.every_n_steps = every_n_steps
-        self.collapse_threshold = collapse_threshold
-        self.log_images = log_images
-        self.render_plots = render_plots
-        self.probe = probe
+        self.every_n_steps = config.every_n_steps
+        self.collapse_threshold = config.collapse_threshold
+        self.log_images = config.log_images
+        self.render_plots = config.render_plots
+        self.probe = config.probe
         self.latest: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}  # split -> kind -> (H, H_norm)
         self._collapsed: set[tuple[str, int, int]] = set()
         self._active = False

@@ -23,7 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mha_lightning.errors import ConfigError, DataError, UserError
+from mha_lightning.errors import ConfigError, DataError, exit_on_user_error
 
 # The record's names stay importable from here, where mha-plot users found them before
 # record.py existed; the package itself imports them from record.
@@ -390,6 +390,7 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
     """``mha-plot`` entry point; returns the process exit status (2 on a user error)."""
     parser = _build_parser()
@@ -397,14 +398,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help or a usage error (argparse already printed it)
         return e.code if isinstance(e.code, int) else 2
-    try:
-        target = Path(args.run)
-        csv_path = _resolve_csv(target)
-        out = Path(args.out) if args.out else (target if target.is_dir() else csv_path.parent) / "plots"
-        paths = render_all(csv_path, out, steps=args.steps, split=args.split, value=args.value)
-    except UserError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    target = Path(args.run)
+    csv_path = _resolve_csv(target)
+    out = Path(args.out) if args.out else (target if target.is_dir() else csv_path.parent) / "plots"
+    paths = render_all(csv_path, out, steps=args.steps, split=args.split, value=args.value)
     for p in paths:
         print(p)
     return 0

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from mha_lightning.errors import ConfigError, DataError
-from mha_lightning.model import ATTENTION_KINDS
+from mha_lightning.kinds import ATTENTION_KINDS
 
 __all__ = [
     "CSV_NAME",
