@@ -1,24 +1,12 @@
-"""Shared fixtures: compose real Hydra configs into a temporary run directory."""
+"""Shared fixtures only: a composed config in a temporary run directory, one torch thread,
+offline wandb. Helpers that are not fixtures live in tests/helpers/ (imported as ``helpers``)."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
-
-def compose_train_config(output_dir: Path, overrides: list[str] = ()) -> DictConfig:
-    """The config `mha-train <overrides>` would run, writing into ``output_dir``."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides))
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)  # ${hydra:runtime.output_dir} only exists inside the app
-    return cfg
+from helpers.config import compose_train_config
 
 
 @pytest.fixture
@@ -58,23 +46,3 @@ def _offline_wandb(tmp_path, monkeypatch):
     if wandb.run is not None:
         wandb.finish()
 
-
-def csv_train_rows(run_dir: Path, version: int | None = None) -> dict[int, tuple[float, float]]:
-    """step -> (train/loss, train/lr) from the CSV logger's file(s) in ``run_dir``."""
-    import csv
-
-    pattern = f"csv/version_{version}/metrics.csv" if version is not None else "csv/version_*/metrics.csv"
-    rows = {}
-    for path in sorted(run_dir.glob(pattern)):
-        for row in csv.DictReader(path.open()):
-            if row["train/loss"]:
-                rows[int(row["step"])] = (float(row["train/loss"]), float(row["train/lr"]))
-    return rows
-
-
-def cli_env(tmp_path: Path) -> dict[str, str]:
-    """Environment for running `mha-train` etc. as real subprocesses."""
-    env = dict(os.environ)
-    env.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true", "MHA_LOG_DIR": str(tmp_path / "logs"),
-                "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
-    return env

@@ -7,9 +7,12 @@ CPU ``DeviceMesh`` with dims ("data_parallel", "tensor_parallel"), then calls
 ``torch.save`` to ``tmp_dir/rank<r>.pt`` and handed back to the caller as a list by rank, so
 the assertions run in the pytest process and report there.
 
-``fn`` must be importable by the children (a module-level function of a test module or of
-the package). A worker that raises makes the whole call raise with that worker's traceback;
-a world that does not finish in ``timeout`` seconds is killed and raises ``TimeoutError``.
+``fn`` must be importable by the children: a module-level function of the package, of
+``helpers``, or of a test module (e.g. ``test_parallel.tp_worker``: pytest put the test's folder,
+and the ``pythonpath`` ini option tests/, on sys.path, and spawn hands sys.path to the children,
+which import it by that name). A worker that raises makes the whole call raise with that
+worker's traceback; a world that does not finish in ``timeout`` seconds is killed and raises
+``TimeoutError``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Read back a real offline wandb run with mha_lightning.monitor.wandb_offline (no mocks)."""
+"""Read back a real offline wandb run with the test helper helpers.wandb_offline (no mocks)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import pytest
 
 wandb = pytest.importorskip("wandb")
 
-from mha_lightning.errors import DataError  # noqa: E402
-from mha_lightning.monitor.wandb_offline import (  # noqa: E402
+from helpers.wandb_offline import (  # noqa: E402
     find_run_files,
     read_history,
     read_records,
     read_run_info,
     read_summary,
 )
+from mha_lightning.errors import DataError  # noqa: E402
 
 BLOCK = 32768
 SMALL_STEPS = (0, 10, 20)

@@ -17,14 +17,15 @@ import pytest
 import torch
 import yaml
 
-from conftest import cli_env, compose_train_config, csv_train_rows
+from helpers.config import QUIET, compose_train_config, text_overrides
+from helpers.corpus import write_corpus
+from helpers.runs import cli_env, csv_train_rows
+from helpers.wandb_offline import find_run_files, read_history, read_run_info
 from mha_lightning import evaluate
 from mha_lightning.checkpoints import consolidate_main, load_checkpoint
-from mha_lightning.monitor.wandb_offline import find_run_files, read_history, read_run_info
 from mha_lightning.train import METRICS_FILE, train
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-QUIET = ["monitor.enabled=false", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 TP2 = ["trainer.devices=2", "parallel.tensor_parallel_size=2"]
 SMALL = ["data.num_val=100", "data.num_test=100"]
 # Validate (and so checkpoint) every 5 steps; every training step in the CSV log.
@@ -208,8 +209,6 @@ def test_bad_parallel_config_fails_before_spawning(overrides, needles, tmp_path)
 
 
 def test_missing_text_file_fails_before_spawning(tmp_path):
-    from test_train import text_overrides, write_corpus
-
     files = write_corpus(tmp_path / "corpus")
     files["src"] = tmp_path / "corpus" / "no_such_file.de"
     run = tmp_path / "bad_text_run"

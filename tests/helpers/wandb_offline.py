@@ -1,5 +1,7 @@
 """Read wandb offline run files (``wandb/offline-run-*/run-<id>.wandb``) without syncing.
 
+A test helper: the end-to-end tests read back what a run logged to W&B with it.
+
 wandb has no public reader for these files; the format below was checked against files
 written by wandb 0.31 (the Go ``wandb-core`` backend):
 

@@ -256,8 +256,15 @@ def test_heatmap_and_figure_to_array(tmp_path: Path) -> None:
     assert figure_to_array(big).shape[2] == 3
     with pytest.raises(ValueError):
         heatmap_figure(np.zeros(5), "x", "y")
-    # all-NaN matrix still renders
-    assert figure_to_array(heatmap_figure(np.full((2, 2), np.nan), "nan", "entropy")).ndim == 3
+    # The NaN cell reads as a dash, not a number.
+    assert ax.texts[2 * 8 + 5].get_text() == "–"
+    assert all(t.get_text() != "–" for k, t in enumerate(ax.texts) if k != 2 * 8 + 5)
+    # An all-NaN matrix still renders: every cell a dash, drawn in the grey reserved for NaN (#d9d9d9).
+    nan_fig = heatmap_figure(np.full((2, 2), np.nan), "nan", "entropy")
+    assert [t.get_text() for t in nan_fig.axes[0].texts] == ["–"] * 4
+    nan_arr = figure_to_array(nan_fig)
+    assert nan_arr.ndim == 3
+    assert (nan_arr == [217, 217, 217]).all(-1).mean() > 0.3  # a large grey block, not a blank figure
 
 
 def test_plot_entropy_over_steps(run_dir: Path) -> None:

@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli_env
 
-from mha_lightning.monitor.wandb_offline import find_run_files, read_history
+from helpers.config import compose_train_config
+from helpers.runs import cli_env
+from helpers.wandb_offline import find_run_files, read_history
 from mha_lightning.train import train
 
 KINDS, LAYERS, HEADS = ("enc_self", "dec_self", "cross"), 2, 4
@@ -44,8 +45,6 @@ def run_cli(run_dir: Path, tmp_path: Path, *overrides: str) -> subprocess.Comple
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """One device, global batch 64."""
-    from conftest import compose_train_config
-
     tmp = tmp_path_factory.mktemp("tp1")
     cfg = compose_train_config(tmp / "run", [*COMMON, "logger=none"])
     train(cfg)

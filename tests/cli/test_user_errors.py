@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import QUIET, text_overrides, write_corpus
 
+from helpers.config import QUIET, compose_train_config
+from helpers.gradients import assert_value_clipped
 from mha_lightning import evaluate
 from mha_lightning.errors import CheckpointError, ConfigError
-from mha_lightning.train import build_loggers, train
+from mha_lightning.train import train
 
 SHORT = [*QUIET, "logger=none", "data.num_train=500", "data.num_val=50", "data.num_test=50"]
 
@@ -19,8 +20,6 @@ SHORT = [*QUIET, "logger=none", "data.num_train=500", "data.num_val=50", "data.n
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """3 steps with validation every 2: the final step is not a validation step."""
-    from conftest import compose_train_config
-
     run = tmp_path_factory.mktemp("ckpt") / "run"
     train(compose_train_config(run, [*SHORT, "trainer.max_steps=3", "trainer.val_check_interval=2", "test=false"]))
     return run / "checkpoints" / "last.ckpt"
@@ -58,23 +57,21 @@ def test_bad_training_settings_fail_before_training(make_cfg, overrides, key):
     assert not (Path(make_cfg().paths.output_dir) / "checkpoints").exists()
 
 
-def test_value_clipping_trains(make_cfg):
-    metrics = train(make_cfg(*SHORT, "trainer.max_steps=4", "trainer.gradient_clip_algorithm=value",
-                             "trainer.gradient_clip_val=0.01", "test=false"))
+def test_value_clipping_trains(make_cfg, tmp_path):
+    """trainer.gradient_clip_algorithm=value through the real Trainer: at every step the optimizer
+    got gradients clamped elementwise to [-v, v], the elements already inside untouched.
+    (tests/unit/test_module.py checks the module's clipping hook on its own.)"""
+    clip, steps, recorded = 0.01, 4, tmp_path / "grads.pt"
+    metrics = train(make_cfg(*SHORT, f"trainer.max_steps={steps}", "trainer.gradient_clip_algorithm=value",
+                             f"trainer.gradient_clip_val={clip}", "test=false",
+                             "+callbacks.grads._target_=helpers.gradients.GradientRecorder",
+                             f"+callbacks.grads.path={recorded}"))
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
-
-
-def test_sweep_config_with_a_non_wandb_logger_builds_only_real_loggers(make_cfg):
-    # hparams_search=num_heads sets logger.wandb.group; with logger=csv that leaves a bare node.
-    cfg = make_cfg("hparams_search=num_heads", "logger=csv")
-    loggers = build_loggers(cfg)
-    assert [type(lg).__name__ for lg in loggers] == ["CSVLogger"]
-
-
-def test_readme_text_command_composes_with_test_files(make_cfg, tmp_path):
-    files = write_corpus(tmp_path / "corpus")
-    cfg = make_cfg(*text_overrides(files), f"data.test.tsv={files['tsv']}")
-    assert cfg.data.test.tsv == str(files["tsv"])
+    grads = torch.load(recorded, weights_only=False)
+    assert len(grads["before"]) == len(grads["after"]) == steps
+    for step, (before, after) in enumerate(zip(grads["before"], grads["after"])):
+        clamped, total = assert_value_clipped(before, after, clip)
+        assert 0 < clamped < total, f"step {step}: {clamped} of {total} gradient elements above {clip}"
 
 
 def test_eval_input_longer_than_the_model_is_truncated_with_a_warning(tiny_checkpoint, tmp_path, capsys):

@@ -252,9 +252,17 @@ def test_invalid_config_raises_config_error_naming_key(overrides, key):
 
 def test_d_model_not_divisible_is_fine_with_explicit_head_dim():
     model = tiny(d_model=30, num_heads=4, head_dim=8)
-    assert model.encoder_layers[0].self_attn.q.weight.shape == (32, 30)
-    src = collate(PAIRS)
-    assert model(src["src"], src["tgt_in"]).shape == (3, src["tgt_in"].shape[1], TINY["vocab_size"])
+    for a in all_attention(model):  # 4 heads x 8 = 32 inner width, projected back to d_model 30
+        assert a.head_dim == 8 and a.q.weight.shape == (32, 30) and a.o.weight.shape == (30, 32)
+    batch = collate(PAIRS)
+    with torch.no_grad():
+        fast = model(batch["src"], batch["tgt_in"])
+        assert fast.shape == (3, batch["tgt_in"].shape[1], TINY["vocab_size"])
+        # The explicit softmax path (scale 1/sqrt(8)) agrees with SDPA for this shape too.
+        force_explicit_path(model)
+        explicit = model(batch["src"], batch["tgt_in"])
+    valid = batch["tgt_in"] != PAD_ID
+    assert_close(explicit[valid], fast[valid], atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- init

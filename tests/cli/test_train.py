@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli_env, compose_train_config, csv_train_rows
+from helpers.config import QUIET, compose_train_config, text_overrides
+from helpers.corpus import write_corpus
+from helpers.runs import cli_env, csv_train_rows
+from helpers.wandb_offline import find_run_files, read_history, read_run_info
 from mha_lightning import evaluate
 from mha_lightning.data import SyntheticDataModule
-from mha_lightning.monitor.wandb_offline import find_run_files, read_history, read_run_info
 from mha_lightning.train import METRICS_FILE, train
 
-QUIET = ["monitor.enabled=false", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 SMALL_EVAL = ["data.num_val=100", "data.num_test=100"]
 
 
@@ -129,35 +129,6 @@ def test_eval_bad_checkpoint_exits_2_with_one_line(kind, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------ text
-WORDS = {"der": "the", "hund": "dog", "katze": "cat", "sieht": "sees", "ein": "a", "rote": "red",
-         "grosse": "big", "kleine": "small", "haus": "house", "mann": "man", "frau": "woman", "und": "and",
-         "läuft": "runs", "schläft": "sleeps", "im": "in the", "garten": "garden", "blaue": "blue", "auto": "car"}
-
-
-def write_corpus(folder: Path, n_train: int = 200, n_val: int = 40) -> dict[str, Path]:
-    """A toy word-for-word 'translation' corpus: aligned files for train, a TSV for val."""
-    rng = random.Random(0)
-    vocab = sorted(WORDS)
-
-    def pair() -> tuple[str, str]:
-        src = [rng.choice(vocab) for _ in range(rng.randint(3, 7))]
-        return " ".join(src), " ".join(WORDS[w] for w in src)
-
-    train_pairs = [pair() for _ in range(n_train)]
-    val_pairs = [pair() for _ in range(n_val)]
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {"src": folder / "train.de", "tgt": folder / "train.en", "tsv": folder / "val.tsv"}
-    files["src"].write_text("".join(s + "\n" for s, _ in train_pairs), encoding="utf-8")
-    files["tgt"].write_text("".join(t + "\n" for _, t in train_pairs), encoding="utf-8")
-    files["tsv"].write_text("".join(f"{s}\t{t}\n" for s, t in val_pairs), encoding="utf-8")
-    return files
-
-
-def text_overrides(files: dict[str, Path]) -> list[str]:
-    return ["data=text", f"data.train.src={files['src']}", f"data.train.tgt={files['tgt']}",
-            f"data.val.tsv={files['tsv']}", "data.vocab_size=300", "data.batch_size=32", "data.eval_batch_size=40"]
-
-
 def test_text_end_to_end_with_bpe(make_cfg, tmp_path, capsys):
     files = write_corpus(tmp_path / "corpus")
     # A short warmup so 200 steps learn the word-for-word mapping (val BLEU ~20, chrF ~57).

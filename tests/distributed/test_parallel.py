@@ -1,10 +1,11 @@
-"""Head sharding against an unsharded reference, in real gloo worlds (tests/dist_utils.py).
+"""Head sharding against an unsharded reference, in real gloo worlds (tests/helpers/distributed.py).
 
 Each spawned world builds the tiny model twice from one seed: a reference copy that stays
 single-device, and a copy that `parallel.parallelize` shards over the (dp, tp) mesh. Workers
 run both on the same data and send the numbers back; the asserts run here. Process start-up
 dominates the cost, so one tp=2 world serves tests 1-3 and 5 (module-scoped fixture) and one
-dp=2 x tp=2 world serves the slow tests.
+dp=2 x tp=2 world serves the slow tests. Every loss is the production one,
+`mha_lightning.module.token_loss`, as Seq2SeqModule trains with it.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from dist_utils import mesh_ranks, run_distributed
+from helpers.distributed import mesh_ranks, run_distributed
 from mha_lightning import parallel
 from mha_lightning.data.vocab import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID
 from mha_lightning.errors import ConfigError
 from mha_lightning.model import Seq2SeqTransformer
+from mha_lightning.module import token_loss
 
 TINY = dict(
     vocab_size=20, d_model=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, ffn_dim=64,
@@ -57,12 +59,10 @@ def make_batch(batch_size: int, seed: int, src_len: int = 9, tgt_len: int = 8) -
     return {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out}
 
 
-def token_loss_sum(logits: Tensor, target: Tensor) -> Tensor:
-    """Summed token cross-entropy, as in Seq2SeqModule._loss."""
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), target.flatten(), ignore_index=PAD_ID,
-        label_smoothing=LABEL_SMOOTHING, reduction="sum",
-    )
+def loss_of(model: nn.Module, batch: dict[str, Tensor], dp_group=None) -> tuple[Tensor, Tensor]:
+    """(loss to backpropagate, global mean token loss) of ``model`` on ``batch``: the training loss,
+    ``token_loss``, over ``dp_group`` when given (its ranks each hold a slice of the global batch)."""
+    return token_loss(model(batch["src"], batch["tgt_in"]), batch["tgt_out"], LABEL_SMOOTHING, dp_group)
 
 
 def twin_models(mesh: DeviceMesh, state: dict | None = None) -> tuple[nn.Module, nn.Module]:
@@ -85,10 +85,9 @@ def train_reference(steps: int = 200) -> dict[str, Tensor]:
     model = Seq2SeqTransformer(**TINY)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for step in range(steps):
-        batch = make_batch(16, seed=1000 + step)
-        loss = token_loss_sum(model(batch["src"], batch["tgt_in"]), batch["tgt_out"])
+        loss, _ = loss_of(model, make_batch(16, seed=1000 + step))
         optimizer.zero_grad()
-        (loss / (batch["tgt_out"] != PAD_ID).sum()).backward()
+        loss.backward()
         optimizer.step()
     return model.state_dict()
 
@@ -146,9 +145,8 @@ def tp_worker(mesh: DeviceMesh, steps: int, trained: dict) -> dict:
         out["ref_logits"] = reference(batch["src"], batch["tgt_in"])
 
     # 2. Clipping: one backward on both, then torch's clip and ours.
-    ntok = (batch["tgt_out"] != PAD_ID).sum()
     for m in (model, reference):
-        (token_loss_sum(m(batch["src"], batch["tgt_in"]), batch["tgt_out"]) / ntok).backward()
+        loss_of(m, batch)[0].backward()
     out["torch_clip"] = try_torch_clip(model)
     out["clip_norm"] = parallel.clip_grad_norm(model.parameters(), CLIP)
     out["ref_clip_norm"] = torch.nn.utils.clip_grad_norm_(reference.parameters(), CLIP)
@@ -159,10 +157,9 @@ def tp_worker(mesh: DeviceMesh, steps: int, trained: dict) -> dict:
     out["losses"], out["ref_losses"] = [], []
     for step in range(steps):
         batch = make_batch(6, seed=100 + step)
-        ntok = (batch["tgt_out"] != PAD_ID).sum()
         for m, opt, losses in zip((model, reference), optimizers, (out["losses"], out["ref_losses"])):
             opt.zero_grad()
-            loss = token_loss_sum(m(batch["src"], batch["tgt_in"]), batch["tgt_out"]) / ntok
+            loss, _ = loss_of(m, batch)
             loss.backward()
             opt.step()
             losses.append(loss.item())
@@ -178,18 +175,15 @@ def dp_tp_step(model, reference, optimizers, batch: dict[str, Tensor], rows: sli
     """One AdamW step of each twin: the sharded one on its dp rank's rows, the reference on all."""
     for opt in optimizers:
         opt.zero_grad()
-    # The loss of Seq2SeqModule._loss: token sum * dp / global token count; FSDP averages.
-    local = {key: value[rows] for key, value in batch.items()}
-    loss_sum = token_loss_sum(model(local["src"], local["tgt_in"]), local["tgt_out"])
-    totals = torch.stack([loss_sum.detach(), (local["tgt_out"] != PAD_ID).sum().float()])
-    parallel.all_reduce_sum(totals, dp_mesh.get_group())
-    (loss_sum * dp_mesh.size() / totals[1]).backward()
-    out["losses"].append((totals[0] / totals[1]).item())
+    # The training loss over the dp group: this rank's token sum * dp / global token count (FSDP
+    # averages the gradients over dp); logged, the mean over every token of the global batch.
+    loss, mean_loss = loss_of(model, {key: value[rows] for key, value in batch.items()}, dp_mesh.get_group())
+    loss.backward()
+    out["losses"].append(mean_loss.item())
 
-    ntok = (batch["tgt_out"] != PAD_ID).sum()
-    ref_loss = token_loss_sum(reference(batch["src"], batch["tgt_in"]), batch["tgt_out"]) / ntok
+    ref_loss, ref_mean_loss = loss_of(reference, batch)
     ref_loss.backward()
-    out["ref_losses"].append(ref_loss.item())
+    out["ref_losses"].append(ref_mean_loss.item())
 
     if "grads" not in out:
         out["torch_clip"] = try_torch_clip(model)
@@ -426,9 +420,7 @@ def dropout_worker(mesh: DeviceMesh, steps: int) -> dict:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         losses = []
         for step in range(steps):
-            batch = make_batch(6, seed=step)
-            logits = model(batch["src"], batch["tgt_in"])
-            loss = token_loss_sum(logits, batch["tgt_out"]) / (batch["tgt_out"] != PAD_ID).sum()
+            loss, _ = loss_of(model, make_batch(6, seed=step))
             opt.zero_grad()
             loss.backward()
             opt.step()
