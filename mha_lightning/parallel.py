@@ -155,11 +155,6 @@ def describe_sharding(model: nn.Module, mesh: Optional[DeviceMesh]) -> str:
     )
 
 
-def local_numel(module: nn.Module) -> int:
-    """Parameter elements stored on this rank (the local shard of each DTensor)."""
-    return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in module.parameters())
-
-
 def _mesh_key(t: Tensor):
     return id(t.device_mesh) if isinstance(t, DTensor) else None
 

@@ -32,8 +32,11 @@ def test_tiny_model_learns_reverse(make_cfg, capsys):
     print(f"reverse_tiny + cosine: {cfg.trainer.max_steps} steps in {elapsed:.0f}s; val exact-match {curve}")
     assert metrics["test/exact_match"] >= 0.99, curve
 
-    # mha-eval on the saved checkpoint agrees: the learned weights are what was saved.
+    # mha-eval on the saved checkpoint: the learned weights are what was saved.
     capsys.readouterr()
     assert evaluate.main([str(run / "checkpoints" / "last.ckpt"), "--split", "test"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["n"] == 500 and result["exact_match"] >= 0.99, result
+    assert result["n"] == 500, result
+    # One scoring path (the module's test loop): the very numbers training reported.
+    for key in ("test/exact_match", "test/loss", "test/acc"):
+        assert result[key] == metrics[key], key

@@ -22,7 +22,7 @@ from helpers.corpus import write_corpus
 from helpers.runs import cli_env, csv_train_rows
 from helpers.wandb_offline import find_run_files, read_history, read_run_info
 from mha_lightning import evaluate
-from mha_lightning.checkpoints import consolidate_main, load_checkpoint
+from mha_lightning.checkpoints import META_FILE, consolidate_main, load_model, read_info
 from mha_lightning.train import METRICS_FILE, train
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
@@ -30,6 +30,8 @@ TP2 = ["trainer.devices=2", "parallel.tensor_parallel_size=2"]
 SMALL = ["data.num_val=100", "data.num_test=100"]
 # Validate (and so checkpoint) every 5 steps; every training step in the CSV log.
 LOGGED = ["trainer.log_every_n_steps=1", "trainer.val_check_interval=5"]
+# Dropout inside the sharded attention and FFN: the resume must bring back every rank's streams.
+DROPOUT = ["model.dropout=0.1", "model.attention_dropout=0.1"]
 
 
 def mha_train(run_dir: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -54,14 +56,14 @@ def launch_torchrun(run_dir: Path, *overrides: str) -> subprocess.CompletedProce
 
 @pytest.fixture(scope="module")
 def tp2_runs(tmp_path_factory):
-    """A: 10 steps at tp=2, uninterrupted, greedy, CSV + W&B, launched by scripts/launch_torchrun.sh.
+    """A: 10 steps at tp=2 with dropout, uninterrupted, greedy, CSV + W&B, launched by scripts/launch_torchrun.sh.
     B: 5 steps, then resumed to 10 from its sharded last.ckpt with beam search; both parts
     launched by Lightning itself (`python -m mha_lightning.train trainer.devices=2 ...`)."""
     root = tmp_path_factory.mktemp("tp2")
     a, b = root / "A", root / "B"
-    runs = {"A": ok(launch_torchrun(a, *SMALL, *LOGGED, "logger=[csv,wandb]", "trainer.max_steps=10"))}
-    runs["B1"] = ok(mha_train(b, *TP2, *SMALL, *LOGGED, "logger=csv", "trainer.max_steps=5", "test=false"))
-    runs["B2"] = ok(mha_train(b, *TP2, *SMALL, *LOGGED, "logger=csv", "trainer.max_steps=10",
+    runs = {"A": ok(launch_torchrun(a, *SMALL, *LOGGED, *DROPOUT, "logger=[csv,wandb]", "trainer.max_steps=10"))}
+    runs["B1"] = ok(mha_train(b, *TP2, *SMALL, *LOGGED, *DROPOUT, "logger=csv", "trainer.max_steps=5", "test=false"))
+    runs["B2"] = ok(mha_train(b, *TP2, *SMALL, *LOGGED, *DROPOUT, "logger=csv", "trainer.max_steps=10",
                               "module.decoding.strategy=beam",
                               f"ckpt_path={b / 'checkpoints' / 'last.ckpt'}"))
     return a, b, runs
@@ -94,11 +96,10 @@ def test_tp2_trains_validates_tests_and_saves_sharded(tp2_runs):
     last = a / "checkpoints" / "last.ckpt"
     assert last.is_dir() and (last / ".metadata").is_file(), "expected a sharded (DCP) checkpoint folder"
     assert sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-    ckpt = load_checkpoint(last)
-    assert ckpt["global_step"] == 10
-    # Loaded whole: every q projection has all 4 heads' rows again.
-    q = ckpt["state_dict"]["model.encoder_layers.0.self_attn.q.weight"]
-    assert tuple(q.shape) == (64, 64)
+    assert torch.load(last / META_FILE, weights_only=True)["global_step"] == 10
+    # Loaded whole into a single-device model: every q projection has all 4 heads' rows again.
+    model, _ = load_model(last)
+    assert tuple(model.encoder_layers[0].self_attn.q.weight.shape) == (64, 64)
 
 
 def test_tp2_resume_matches_uninterrupted(tp2_runs):
@@ -115,9 +116,9 @@ def test_tp2_beam_search_validates_and_tests(tp2_runs):
     metrics = json.loads((b / METRICS_FILE).read_text())
     assert math.isfinite(metrics["test/exact_match"]) and math.isfinite(metrics["val/exact_match"])
     assert "test/exact_match" in runs["B2"].stdout
-    ckpt = load_checkpoint(b / "checkpoints" / "last.ckpt")
-    assert ckpt["hyper_parameters"]["decoding"]["strategy"] == "beam"
-    assert ckpt["global_step"] == 10
+    last = b / "checkpoints" / "last.ckpt"
+    assert read_info(last).decoding["strategy"] == "beam"
+    assert torch.load(last / META_FILE, weights_only=True)["global_step"] == 10
 
 
 def test_consolidated_checkpoint_evaluates_like_the_sharded_one(tp2_runs, tmp_path, capsys):
@@ -140,7 +141,7 @@ def test_consolidated_checkpoint_evaluates_like_the_sharded_one(tp2_runs, tmp_pa
     assert results["single"]["n"] == 100
     assert (tmp_path / "single.hyp.txt").read_text() == (tmp_path / "sharded.hyp.txt").read_text()
     # The same weights scored at tp=2 during training (greedy): same exact-match.
-    assert results["single"]["exact_match"] == json.loads((a / METRICS_FILE).read_text())["test/exact_match"]
+    assert results["single"]["test/exact_match"] == json.loads((a / METRICS_FILE).read_text())["test/exact_match"]
 
 
 def test_sharded_checkpoint_resumes_only_at_its_layout(tp2_runs, tmp_path):

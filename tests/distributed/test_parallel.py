@@ -41,6 +41,11 @@ ROWWISE = ("o", "fc2")
 
 
 # --------------------------------------------------------------------------- helpers (run in workers)
+def local_numel(module: nn.Module) -> int:
+    """Parameter elements stored on this rank (the local shard of each DTensor)."""
+    return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in module.parameters())
+
+
 def make_batch(batch_size: int, seed: int, src_len: int = 9, tgt_len: int = 8) -> dict[str, Tensor]:
     """A padded batch: row 0 is full length, the others random lengths; target = reversed source."""
     g = torch.Generator().manual_seed(seed)
@@ -133,7 +138,7 @@ def tp_worker(mesh: DeviceMesh, steps: int, trained: dict) -> dict:
         for name, p in model.named_parameters()
     }
     out["module_numel"] = {
-        name: (parallel.local_numel(module), sum(p.numel() for p in module.parameters()))
+        name: (local_numel(module), sum(p.numel() for p in module.parameters()))
         for name, module in model.named_modules()
         if name.endswith(("self_attn", "cross_attn", "ffn", "norm", "tokens"))
     }

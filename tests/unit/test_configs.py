@@ -24,7 +24,8 @@ from mha_lightning.errors import DataError
 from mha_lightning.loggers import wandb_mode
 from mha_lightning.model import Seq2SeqTransformer
 from mha_lightning.module import Seq2SeqModule
-from mha_lightning.train import build_callbacks, build_loggers, parallel_sizes
+from mha_lightning.config import preflight
+from mha_lightning.train import build_callbacks, build_loggers
 
 # The tiny model, smaller still: configs are what is under test here, not the model.
 TINY = ("model.d_model=32", "model.num_heads=4", "model.ffn_dim=64", "data.num_train=64", "data.num_val=16",
@@ -37,13 +38,13 @@ def options(group: str) -> list[str]:
 
 def instantiate_run(cfg):
     """Build every component the way `mha-train` does (without fitting)."""
-    dp, tp = parallel_sizes(cfg)
-    assert (dp, tp) == (1, 1)
+    plan = preflight(cfg)
+    assert (plan.data_parallel_size, plan.tensor_parallel_size) == (1, 1)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     module = instantiate(cfg.module, model=model, _convert_="partial")
     loggers = build_loggers(cfg)
-    callbacks = build_callbacks(cfg)
+    callbacks = build_callbacks(cfg, plan.monitor)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     assert isinstance(datamodule, SyntheticDataModule | TextDataModule)
     assert isinstance(model, Seq2SeqTransformer) and isinstance(module, Seq2SeqModule)
@@ -160,7 +161,7 @@ def test_module_configs(make_cfg, name):
         assert factor(299) < 1e-3
     else:
         assert factor(799) == pytest.approx(0.5)  # 1/sqrt(step / warmup)
-    assert module.label_smoothing == 0.1 and module.decoding["strategy"] == "greedy"
+    assert module.label_smoothing == 0.1 and module.decoding.strategy == "greedy"
 
 
 @pytest.mark.parametrize("name", options("trainer"))
@@ -225,9 +226,9 @@ def test_monitor_config_adds_the_entropy_callback(make_cfg):
     from mha_lightning.monitor.callback import EntropyMonitor
 
     cfg = make_cfg("logger=none", "callbacks=default", *TINY)
-    assert any(isinstance(c, EntropyMonitor) for c in build_callbacks(cfg))
+    assert any(isinstance(c, EntropyMonitor) for c in build_callbacks(cfg, preflight(cfg).monitor))
     cfg = make_cfg("logger=none", "callbacks=default", "monitor.enabled=false", *TINY)
-    assert not any(isinstance(c, EntropyMonitor) for c in build_callbacks(cfg))
+    assert not any(isinstance(c, EntropyMonitor) for c in build_callbacks(cfg, preflight(cfg).monitor))
 
 
 @pytest.mark.parametrize("name", options("experiment"))
