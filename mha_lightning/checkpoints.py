@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,8 +22,17 @@ MODEL_PREFIX = "model."
 # The file in which Lightning's ModelParallelStrategy stores a sharded checkpoint's non-tensor part.
 META_FILE = "meta.pt"
 # Model settings that change parameter shapes: a checkpoint only fits a model that agrees on them.
-SHAPE_KEYS = ("vocab_size", "d_model", "num_heads", "head_dim", "num_encoder_layers", "num_decoder_layers",
-              "ffn_dim", "positional", "share_embeddings")
+SHAPE_KEYS = (
+    "vocab_size",
+    "d_model",
+    "num_heads",
+    "head_dim",
+    "num_encoder_layers",
+    "num_decoder_layers",
+    "ffn_dim",
+    "positional",
+    "share_embeddings",
+)
 
 
 def _torch_load(path: Path) -> dict[str, Any]:
@@ -90,11 +99,16 @@ def check_compatible(info: CheckpointInfo, config: dict[str, Any], key: str = "c
     """Fail in one line, before training, when a checkpoint's model differs in shape from ``config``."""
     saved = info.model_config
     keys = SHAPE_KEYS + (("max_len",) if config.get("positional") == "learned" else ())
-    differ = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {config.get(k)!r}" for k in keys
-              if saved.get(k) != config.get(k)]
+    differ = [
+        f"model.{k}: checkpoint {saved.get(k)!r} vs config {config.get(k)!r}"
+        for k in keys
+        if saved.get(k) != config.get(k)
+    ]
     if differ:
-        raise CheckpointError(f"{key}={info.path} was trained with another model ({'; '.join(differ)}); "
-                              "use the checkpoint's model settings")
+        raise CheckpointError(
+            f"{key}={info.path} was trained with another model ({'; '.join(differ)}); "
+            "use the checkpoint's model settings"
+        )
 
 
 def _load_sharded_weights(model: nn.Module, path: Path) -> None:
@@ -117,13 +131,14 @@ def load_model_weights(model: nn.Module, info: CheckpointInfo) -> None:
     state = _torch_load(info.path).get("state_dict")
     if not isinstance(state, dict):
         raise CheckpointError(f"{info.path} has no 'state_dict'; is it a mha-train checkpoint?")
-    state = {k[len(MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
+    state = {k[len(MODEL_PREFIX) :]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
         first = str(e).strip().splitlines()[-1].strip()
         raise CheckpointError(
-            f"checkpoint {info.path} does not fit the model ({first}); use the same model config") from None
+            f"checkpoint {info.path} does not fit the model ({first}); use the same model config"
+        ) from None
     missing = [k for k in result.missing_keys if not k.endswith("sinusoid")]
     if missing or result.unexpected_keys:
         shown = (missing + result.unexpected_keys)[:3]
@@ -160,7 +175,7 @@ def consolidate(src: str | Path, dst: str | Path) -> Path:
 
 
 @exit_on_user_error
-def consolidate_main(argv: Optional[list[str]] = None) -> int:
+def consolidate_main(argv: list[str] | None = None) -> int:
     """`mha-consolidate SHARDED_DIR OUT.ckpt`."""
     parser = argparse.ArgumentParser(prog="mha-consolidate", description=consolidate_main.__doc__)
     parser.add_argument("sharded_dir")
@@ -170,5 +185,4 @@ def consolidate_main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-__all__ = ["CheckpointInfo", "check_compatible", "consolidate", "load_model", "load_model_weights",
-           "read_info"]
+__all__ = ["CheckpointInfo", "check_compatible", "consolidate", "load_model", "load_model_weights", "read_info"]

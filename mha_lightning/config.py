@@ -8,16 +8,17 @@ before any worker starts (docs/design.md, "Configuration").
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any
 
 from mha_lightning.errors import ConfigError
 
 STRATEGIES = ("greedy", "beam")
 
 
-def _from_mapping(cls, values: Optional[Mapping[str, Any]], group: str):
+def _from_mapping(cls, values: Mapping[str, Any] | None, group: str):
     """``cls(**values)``, but an unknown key is one line naming the group and the known keys."""
     values = dict(values or {})
     known = {f.name for f in fields(cls)}
@@ -55,7 +56,7 @@ class DecodingConfig:
         return self.beam_size if self.strategy == "beam" else 1
 
     @classmethod
-    def from_dict(cls, values: Union["DecodingConfig", Mapping[str, Any], None]) -> "DecodingConfig":
+    def from_dict(cls, values: DecodingConfig | Mapping[str, Any] | None) -> DecodingConfig:
         """From a config node or a checkpoint's saved dict (missing keys take the defaults)."""
         if isinstance(values, cls):
             return values
@@ -84,7 +85,7 @@ class MonitorConfig:
             raise ConfigError(f"monitor.collapse_threshold must be a number in [0, 1], got {threshold!r}")
 
     @classmethod
-    def from_dict(cls, values: Optional[Mapping[str, Any]]) -> "MonitorConfig":
+    def from_dict(cls, values: Mapping[str, Any] | None) -> MonitorConfig:
         """From the ``monitor`` config node."""
         return _from_mapping(cls, values, "monitor")
 
@@ -94,10 +95,10 @@ class ParallelConfig:
     """The device layout (``parallel`` group); dp x tp must equal devices x nodes."""
 
     tensor_parallel_size: int = 1
-    data_parallel_size: Union[int, str] = "auto"  # "auto": devices x num_nodes / tensor_parallel_size
+    data_parallel_size: int | str = "auto"  # "auto": devices x num_nodes / tensor_parallel_size
 
     @classmethod
-    def from_dict(cls, values: Optional[Mapping[str, Any]]) -> "ParallelConfig":
+    def from_dict(cls, values: Mapping[str, Any] | None) -> ParallelConfig:
         """From the ``parallel`` config node."""
         return _from_mapping(cls, values, "parallel")
 
@@ -116,7 +117,7 @@ def model_kwargs(node: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in node.items() if not str(k).startswith("_")}
 
 
-def existing_path(key: str, value: Any) -> Optional[Path]:
+def existing_path(key: str, value: Any) -> Path | None:
     """``value`` as a Path that must exist, or None when unset."""
     if value is None:
         return None
@@ -150,8 +151,8 @@ class RunPlan:
     tensor_parallel_size: int
     decoding: DecodingConfig
     monitor: MonitorConfig
-    resume: Optional[Any] = None  # CheckpointInfo of ckpt_path
-    init: Optional[Any] = None  # CheckpointInfo of init_from
+    resume: Any | None = None  # CheckpointInfo of ckpt_path
+    init: Any | None = None  # CheckpointInfo of init_from
 
     @property
     def world_size(self) -> int:
@@ -210,13 +211,15 @@ def _check_resume_layout(info, dp: int, tp: int) -> None:
         return
     trainer = saved.get("trainer") or {}
     saved_dp, saved_tp = ParallelConfig.from_dict(saved.get("parallel")).sizes(
-        trainer.get("devices", 1), trainer.get("num_nodes", 1))
+        trainer.get("devices", 1), trainer.get("num_nodes", 1)
+    )
     if (saved_dp, saved_tp) != (dp, tp):
         from mha_lightning.errors import CheckpointError
 
         raise CheckpointError(
             f"ckpt_path={info.path} was written at (dp={saved_dp}, tp={saved_tp}) and resumes only there (this run: "
-            f"dp={dp}, tp={tp}); to change the layout: mha-consolidate {info.path} model.ckpt, then init_from=model.ckpt"
+            f"dp={dp}, tp={tp}); to change the layout: mha-consolidate {info.path} model.ckpt, "
+            "then init_from=model.ckpt"
         )
 
 

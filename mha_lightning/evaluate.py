@@ -15,10 +15,11 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 from tqdm import tqdm
+from typing_extensions import override
 
 from mha_lightning.checkpoints import CheckpointInfo, load_model
 from mha_lightning.data.batching import collate
@@ -28,7 +29,9 @@ from mha_lightning.errors import CheckpointError, DataError, exit_on_user_error
 from mha_lightning.module import Seq2SeqModule
 
 
-def build_module(path: str | Path, decoding_overrides: Optional[dict[str, Any]] = None) -> tuple[Seq2SeqModule, CheckpointInfo]:
+def build_module(
+    path: str | Path, decoding_overrides: dict[str, Any] | None = None
+) -> tuple[Seq2SeqModule, CheckpointInfo]:
     """The checkpoint's model in an evaluation module, decoding as the run did unless overridden."""
     model, info = load_model(path)
     decoding = {**info.decoding, **{k: v for k, v in (decoding_overrides or {}).items() if v is not None}}
@@ -36,7 +39,7 @@ def build_module(path: str | Path, decoding_overrides: Optional[dict[str, Any]] 
     return module.eval(), info
 
 
-def build_datamodule(info: CheckpointInfo, batch_size: Optional[int] = None):
+def build_datamodule(info: CheckpointInfo, batch_size: int | None = None):
     """The run's own DataModule (same files, tokenizer and evaluation batches), set up for testing."""
     import hydra
 
@@ -62,18 +65,22 @@ class HypothesisCollector(L.Callback):
         self._batches = list(loader.batch_sampler)  # deterministic: evaluation never shuffles
 
     def _collect(self, hyp, batch_idx: int) -> None:
-        for index, ids in zip(self._batches[batch_idx], hyp.tolist()):
+        for index, ids in zip(self._batches[batch_idx], hyp.tolist(), strict=True):
             self.by_index[index] = strip_ids(ids)
 
+    @override
     def on_test_epoch_start(self, trainer, pl_module) -> None:
         self._start(trainer.test_dataloaders)
 
+    @override
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._start(trainer.val_dataloaders)
 
+    @override
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._collect(outputs, batch_idx)
 
+    @override
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._collect(outputs, batch_idx)
 
@@ -86,8 +93,14 @@ def score_split(module: Seq2SeqModule, data, split: str) -> tuple[dict[str, floa
     """Run the module's own validation or test loop -> (metrics as training logs them, hypotheses)."""
     collector = HypothesisCollector()
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, logger=False, callbacks=[collector], enable_checkpointing=False,
-        enable_model_summary=False, inference_mode=False, use_distributed_sampler=False,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        callbacks=[collector],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        inference_mode=False,
+        use_distributed_sampler=False,
     )
     run = trainer.test if split == "test" else trainer.validate
     with contextlib.redirect_stdout(sys.stderr):  # progress bars on stderr: stdout carries the result alone
@@ -98,11 +111,11 @@ def score_split(module: Seq2SeqModule, data, split: str) -> tuple[dict[str, floa
 def translate(module: Seq2SeqModule, sources: list[list[int]], batch_size: int) -> list[list[int]]:
     """Decode in length-sorted batches (little padding) with the module's own ``generate``."""
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
-    out: list[Optional[list[int]]] = [None] * len(sources)
+    out: list[list[int] | None] = [None] * len(sources)
     for start in tqdm(range(0, len(order), batch_size), desc="decoding", unit="batch", file=sys.stderr):
         idx = order[start : start + batch_size]
         src = collate([(sources[i], []) for i in idx])["src"]
-        for i, h in zip(idx, module.generate(src).tolist()):
+        for i, h in zip(idx, module.generate(src).tolist(), strict=True):
             out[i] = strip_ids(h)
     return out
 
@@ -125,14 +138,19 @@ def read_sources(data, path: Path, reach: int) -> list[list[int]]:
             try:
                 seq = [int(tok) for tok in line.split()]
             except ValueError:
-                raise DataError(f"{path}:{n}: synthetic-task input must be space-separated token ids, got {line!r}") from None
+                raise DataError(
+                    f"{path}:{n}: synthetic-task input must be space-separated token ids, got {line!r}"
+                ) from None
             if any(not NUM_SPECIAL <= t < data.vocab_size for t in seq):
                 raise DataError(f"{path}:{n}: token ids must be in [{NUM_SPECIAL}, {data.vocab_size}), got {line!r}")
             sources.append(seq)
     long = sum(len(s) > reach for s in sources)
     if long:
-        print(f"warning: {long} line(s) of {path} are longer than the model's {reach} tokens; "
-              "decoding their first tokens", file=sys.stderr)
+        print(
+            f"warning: {long} line(s) of {path} are longer than the model's {reach} tokens; "
+            "decoding their first tokens",
+            file=sys.stderr,
+        )
     return [s[:reach] for s in sources]
 
 
@@ -149,7 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Score or translate as ``argv`` says -> the result that ``main`` prints as JSON."""
     args = _parser().parse_args(argv)
     overrides: dict[str, Any] = {"length_penalty": args.length_penalty, "max_extra_len": args.max_extra_len}
@@ -174,7 +192,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 
 @exit_on_user_error
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """`mha-eval` entry point; exit code 2 on a user error."""
     print(json.dumps(run(argv), indent=2))
     return 0

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 from lightning.pytorch.loggers import WandbLogger
 
 
-def wandb_mode(offline: Optional[bool]) -> str:
+def wandb_mode(offline: bool | None) -> str:
     """Offline unless the user says otherwise: ``offline=false`` or ``WANDB_MODE`` in the environment."""
     if offline is None:
         return os.environ.get("WANDB_MODE", "offline")
     return "offline" if offline else "online"
 
 
-def wandb_logger(offline: Optional[bool] = None, save_dir: str = ".", **kwargs) -> WandbLogger:
+def wandb_logger(offline: bool | None = None, save_dir: str = ".", **kwargs) -> WandbLogger:
+    """Lightning's WandbLogger, offline unless told otherwise (:func:`wandb_mode`); None-valued kwargs are dropped."""
     # Passed as wandb.init(mode=...) rather than WandbLogger(offline=True), which would set
     # WANDB_MODE in os.environ for every later run in this process (e.g. the next sweep job).
     kwargs = {k: v for k, v in kwargs.items() if v is not None}

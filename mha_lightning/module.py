@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -12,6 +13,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import CHRFScore, Perplexity, SacreBLEUScore
+from typing_extensions import override
 
 from mha_lightning import parallel, seeding
 from mha_lightning.config import DecodingConfig
@@ -31,10 +33,10 @@ class Seq2SeqModule(L.LightningModule):
     def __init__(
         self,
         model: Seq2SeqTransformer,
-        optimizer: Optional[Callable[..., torch.optim.Optimizer]] = None,
-        scheduler: Optional[Callable[..., Any]] = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
         label_smoothing: float = 0.1,
-        decoding: Optional[DecodingConfig | dict] = None,
+        decoding: DecodingConfig | dict | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -42,29 +44,37 @@ class Seq2SeqModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.label_smoothing = label_smoothing
         self.decoding = DecodingConfig.from_dict(decoding)
-        self._shard_rng: Optional[seeding.ShardedDropoutRNG] = None
-        self._resumed_rng: Optional[list] = None
+        self._shard_rng: seeding.ShardedDropoutRNG | None = None
+        self._resumed_rng: list | None = None
         self.last_saved_step = -1  # the global step of the newest checkpoint this run wrote
         # The model's own config travels with every checkpoint, so mha-eval can rebuild it.
         self.save_hyperparameters(
-            {"model_config": model.hparams(), "label_smoothing": label_smoothing, "decoding": self.decoding.to_dict(),
-             "run_config": None}
+            {
+                "model_config": model.hparams(),
+                "label_smoothing": label_smoothing,
+                "decoding": self.decoding.to_dict(),
+                "run_config": None,
+            }
         )
         vocab = model.config.vocab_size
         # validate_args=False: the argument checks call torch.unique, a host sync on every step.
         accuracy = lambda: MulticlassAccuracy(  # noqa: E731
-            num_classes=vocab, ignore_index=PAD_ID, average="micro", validate_args=False)
+            num_classes=vocab, ignore_index=PAD_ID, average="micro", validate_args=False
+        )
         self.metrics = torch.nn.ModuleDict({"train_": torch.nn.ModuleDict({"acc": accuracy()})})
         for split in ("val_", "test_"):  # ModuleDict keys may not be "train"
-            self.metrics[split] = torch.nn.ModuleDict({
-                "acc": accuracy(),
-                "ppl": Perplexity(ignore_index=PAD_ID),
-                "exact_match": MeanMetric(),
-                "bleu": SacreBLEUScore(),
-                "chrf": CHRFScore(n_word_order=0),  # chrF as sacreBLEU (and mha-eval) define it, not chrF++
-            })
+            self.metrics[split] = torch.nn.ModuleDict(
+                {
+                    "acc": accuracy(),
+                    "ppl": Perplexity(ignore_index=PAD_ID),
+                    "exact_match": MeanMetric(),
+                    "bleu": SacreBLEUScore(),
+                    "chrf": CHRFScore(n_word_order=0),  # chrF as sacreBLEU (and mha-eval) define it, not chrF++
+                }
+            )
 
     # ----------------------------------------------------------------- sharding
+    @override
     def configure_model(self) -> None:
         """Shard the model over the strategy's (dp, tp) mesh, once (a no-op on one device)."""
         mesh = self.device_mesh
@@ -75,6 +85,7 @@ class Seq2SeqModule(L.LightningModule):
         self._parallelized = True
         print(parallel.describe_sharding(self.model, mesh), flush=True)
 
+    @override
     def on_fit_start(self) -> None:
         """Restore a resumed run's random streams, or give each data-parallel replica its own."""
         world = self.trainer.world_size
@@ -86,6 +97,7 @@ class Seq2SeqModule(L.LightningModule):
             tp_rank, tp_size = self.tp_rank_and_size
             torch.manual_seed(seeding.rank_seeds(torch.initial_seed(), self.dp_rank, tp_rank, tp_size).replica)
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Every rank's random streams go into the checkpoint (rank 0 alone writes its metadata)."""
         states = seeding.capture(self._shard_rng)
@@ -97,6 +109,7 @@ class Seq2SeqModule(L.LightningModule):
         checkpoint["rng_states"] = gathered
         self.last_saved_step = checkpoint["global_step"]
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the saved random streams until ``on_fit_start`` (after Lightning's own restore)."""
         self._resumed_rng = checkpoint.get("rng_states")
@@ -130,7 +143,7 @@ class Seq2SeqModule(L.LightningModule):
         trainer = self._attached_trainer()
         return trainer.world_size if trainer is not None else 1
 
-    def _attached_trainer(self) -> Optional[L.Trainer]:
+    def _attached_trainer(self) -> L.Trainer | None:
         """The trainer running this module, or None outside ``fit``/``test`` (e.g. in a notebook)."""
         try:
             return self.trainer
@@ -138,13 +151,17 @@ class Seq2SeqModule(L.LightningModule):
             return None
 
     # ----------------------------------------------------------------- steps
+    @override
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """src (B, S), tgt_in (B, T) ids -> logits (B, T, V)."""
         return self.model(src, tgt_in)
 
     def _loss(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         return token_loss(logits, target, self.label_smoothing, self.dp_group if self.dp_size > 1 else None)
 
+    @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """-> the label-smoothed loss; logs its global per-token mean, accuracy and lr; counts the batch for resume."""
         logits = self(batch["src"], batch["tgt_in"])
         loss, mean_loss = self._loss(logits, batch["tgt_out"])
         metrics = self.metrics["train_"]
@@ -188,10 +205,14 @@ class Seq2SeqModule(L.LightningModule):
             self.log(f"{prefix}/bleu", m["bleu"], batch_size=bsz, prog_bar=prefix == "val")
             self.log(f"{prefix}/chrf", m["chrf"], batch_size=bsz)
 
+    @override
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """Teacher-forced loss, accuracy, perplexity; then decoded scores (BLEU/chrF on text) -> hypotheses (B, L)."""
         return self._eval_step(batch, "val")
 
+    @override
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """As :meth:`validation_step`, logged under ``test/``."""
         return self._eval_step(batch, "test")
 
     # ----------------------------------------------------------------- decoding
@@ -201,12 +222,19 @@ class Seq2SeqModule(L.LightningModule):
         # Every rank must run the same number of decoder steps (FSDP/TP collectives per step).
         max_len = parallel.all_max(int((src != PAD_ID).sum(1).max()) + cfg.max_extra_len, src.device)
         return self.model.generate(
-            src, max_len, BOS_ID, EOS_ID, beam_size=cfg.beam, length_penalty=float(cfg.length_penalty),
+            src,
+            max_len,
+            BOS_ID,
+            EOS_ID,
+            beam_size=cfg.beam,
+            length_penalty=float(cfg.length_penalty),
             sync_done=lambda done: parallel.all_done(done, src.device),  # ranks decode in lockstep
         )
 
     # ----------------------------------------------------------------- optimisation
+    @override
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Sharding-aware clipping: "value" clamps elementwise, "norm" clips by the global norm across meshes."""
         if not gradient_clip_val:
             return
         if gradient_clip_algorithm == "value":
@@ -218,6 +246,7 @@ class Seq2SeqModule(L.LightningModule):
         norm = parallel.clip_grad_norm(self.parameters(), float(gradient_clip_val))
         self.log("train/grad_norm", norm, batch_size=1)
 
+    @override
     def configure_optimizers(self):
         """The injected optimizer (and step-wise schedule), bound to the sharded parameters."""
         if self.optimizer_factory is None:
@@ -229,16 +258,17 @@ class Seq2SeqModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def token_loss(
-    logits: Tensor, target: Tensor, label_smoothing: float = 0.0, dp_group=None
-) -> tuple[Tensor, Tensor]:
+def token_loss(logits: Tensor, target: Tensor, label_smoothing: float = 0.0, dp_group=None) -> tuple[Tensor, Tensor]:
     """-> (loss to backpropagate, global mean loss per token for logging).
 
     The mean is over all target tokens of the global batch, not a mean of per-rank means:
     with ``dp_group`` (FSDP averages gradients over it) the gradient is exactly the dp=1 one."""
     token_loss_sum = F.cross_entropy(
-        logits.flatten(0, 1).float(), target.flatten(), ignore_index=PAD_ID,
-        label_smoothing=label_smoothing, reduction="sum",
+        logits.flatten(0, 1).float(),
+        target.flatten(),
+        ignore_index=PAD_ID,
+        label_smoothing=label_smoothing,
+        reduction="sum",
     )
     totals = torch.stack([token_loss_sum.detach(), (target != PAD_ID).sum().float()])
     dp_size = 1

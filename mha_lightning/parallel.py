@@ -10,7 +10,7 @@ Embeddings, norms and the output projection stay replicated.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -36,8 +36,11 @@ def attention_plan(prefix: str, cross: bool = False) -> dict:
     # a layout, and the mask (no tensor to shard) passes through untouched.
     kwarg_layouts = {"memory": Replicate()} if cross else {}
     prepare = PrepareModuleInput(
-        input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),),
-        input_kwarg_layouts=kwarg_layouts, desired_input_kwarg_layouts=kwarg_layouts, use_local_output=False,
+        input_layouts=(Replicate(),),
+        desired_input_layouts=(Replicate(),),
+        input_kwarg_layouts=kwarg_layouts,
+        desired_input_kwarg_layouts=kwarg_layouts,
+        use_local_output=False,
     )
     return {
         prefix: prepare,
@@ -49,14 +52,17 @@ def attention_plan(prefix: str, cross: bool = False) -> dict:
 
 
 def ffn_plan() -> dict:
+    """fc1 column-wise, fc2 row-wise: one all-reduce per feed-forward."""
     return {"ffn.fc1": ColwiseParallel(), "ffn.fc2": RowwiseParallel()}
 
 
 def encoder_layer_plan() -> dict:
+    """The TP plan of one encoder layer (keys relative to the layer)."""
     return {**attention_plan("self_attn"), **ffn_plan()}
 
 
 def decoder_layer_plan() -> dict:
+    """The TP plan of one decoder layer: self- and cross-attention, then the FFN."""
     return {**attention_plan("self_attn"), **attention_plan("cross_attn", cross=True), **ffn_plan()}
 
 
@@ -65,8 +71,12 @@ def validate_parallel_config(
 ) -> None:
     """Fail in the launching process, before any worker exists, with one line naming the values."""
     dp, tp = data_parallel_size, tensor_parallel_size
-    checks = (("model.num_heads", num_heads), ("model.ffn_dim", ffn_dim),
-              ("parallel.tensor_parallel_size", tp), ("parallel.data_parallel_size", dp))
+    checks = (
+        ("model.num_heads", num_heads),
+        ("model.ffn_dim", ffn_dim),
+        ("parallel.tensor_parallel_size", tp),
+        ("parallel.data_parallel_size", dp),
+    )
     for key, value in checks:
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{key} must be a positive integer, got {value!r}")
@@ -95,7 +105,7 @@ def sharded_modules(model: nn.Module) -> list[nn.Module]:
     return out + [layer.ffn for layer in [*model.encoder_layers, *model.decoder_layers]]
 
 
-def shard_rng_for(model: nn.Module, mesh: DeviceMesh, seed: int) -> Optional[ShardedDropoutRNG]:
+def shard_rng_for(model: nn.Module, mesh: DeviceMesh, seed: int) -> ShardedDropoutRNG | None:
     """The shard dropout stream this rank needs, or None (no tensor parallelism or no dropout)."""
     tp_mesh = mesh["tensor_parallel"]
     if tp_mesh.size() == 1 or (model.config.dropout == 0 and model.config.attention_dropout == 0):
@@ -105,7 +115,7 @@ def shard_rng_for(model: nn.Module, mesh: DeviceMesh, seed: int) -> Optional[Sha
     return ShardedDropoutRNG(shard_seed, mesh.device_type)
 
 
-def parallelize(model: nn.Module, mesh: DeviceMesh, shard_rng: Optional[ShardedDropoutRNG] = None) -> nn.Module:
+def parallelize(model: nn.Module, mesh: DeviceMesh, shard_rng: ShardedDropoutRNG | None = None) -> nn.Module:
     """Apply TP over the mesh's tensor_parallel dim, then FSDP2 over data_parallel (torchtitan's order).
 
     Dropout inside sharded modules runs on ``shard_rng`` (default: seeded from torch's initial seed)."""
@@ -138,7 +148,7 @@ def head_layout(num_heads: int, tp_rank: int, tp_size: int) -> range:
     return range(tp_rank * local, (tp_rank + 1) * local)
 
 
-def describe_sharding(model: nn.Module, mesh: Optional[DeviceMesh]) -> str:
+def describe_sharding(model: nn.Module, mesh: DeviceMesh | None) -> str:
     """One line per rank: the mesh coordinates and which global heads of every layer it holds."""
     num_heads = model.config.num_heads
     if mesh is None:
@@ -197,6 +207,7 @@ def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> Tenso
 
 
 def all_reduce_sum(t: Tensor, group=None) -> Tensor:
+    """Sum ``t`` in place over ``group`` (default: the world) and return it; a no-op when not distributed."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t

@@ -15,6 +15,7 @@ def inverse_sqrt(optimizer: Optimizer, warmup_steps: int = 4000) -> LambdaLR:
 
 
 def warmup_cosine(optimizer: Optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> LambdaLR:
+    """Linear warmup to the base lr, then cosine decay to ``min_ratio`` x base lr at ``total_steps``."""
     if total_steps <= warmup_steps:
         from mha_lightning.errors import ConfigError
 

@@ -15,7 +15,8 @@ streams into the checkpoint, so a resumed run draws the masks the uninterrupted 
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple, Optional
+from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -36,8 +37,7 @@ def rank_seeds(seed: int, dp_rank: int, tp_rank: int, tp_size: int) -> RankSeeds
     """The seeds of rank (dp_rank, tp_rank): replicas differ over dp, shards over every rank.
 
     dp_rank 0 keeps ``seed`` itself, so a one-device run draws what it always drew."""
-    return RankSeeds(replica=seed + _REPLICA_STRIDE * dp_rank,
-                     shard=seed + _SHARD_OFFSET + dp_rank * tp_size + tp_rank)
+    return RankSeeds(replica=seed + _REPLICA_STRIDE * dp_rank, shard=seed + _SHARD_OFFSET + dp_rank * tp_size + tp_rank)
 
 
 def _device_states(cuda: bool) -> Tensor:
@@ -67,7 +67,7 @@ class ShardedDropoutRNG:
         self.state = _device_states(self.cuda)
         _set_device_states(self._replica, self.cuda)
 
-    def attach(self, modules: Iterable[nn.Module]) -> "ShardedDropoutRNG":
+    def attach(self, modules: Iterable[nn.Module]) -> ShardedDropoutRNG:
         """Run every module of ``modules`` on the shard stream."""
         for m in modules:
             m.register_forward_pre_hook(self._enter)
@@ -75,7 +75,7 @@ class ShardedDropoutRNG:
         return self
 
 
-def capture(shard_rng: Optional[ShardedDropoutRNG]) -> dict[str, Tensor]:
+def capture(shard_rng: ShardedDropoutRNG | None) -> dict[str, Tensor]:
     """This process's streams, to be saved: torch CPU (and CUDA) RNG, and the shard stream if any."""
     states = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -85,7 +85,7 @@ def capture(shard_rng: Optional[ShardedDropoutRNG]) -> dict[str, Tensor]:
     return states
 
 
-def restore(states: dict[str, Tensor], shard_rng: Optional[ShardedDropoutRNG]) -> None:
+def restore(states: dict[str, Tensor], shard_rng: ShardedDropoutRNG | None) -> None:
     """Put back what :func:`capture` saved (the inverse, on the same rank of the same layout)."""
     torch.set_rng_state(states["cpu"])
     if "cuda" in states and torch.cuda.is_available():

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -37,6 +37,7 @@ def reuse_tokenizer(cfg: DictConfig, plan: RunPlan) -> None:
 
 
 def build_strategy(dp: int, tp: int) -> Any:
+    """Lightning's "auto" on one device, else a ModelParallelStrategy over the (dp, tp) mesh, checkpoints sharded."""
     if dp * tp == 1:
         return "auto"
     from lightning.pytorch.strategies import ModelParallelStrategy
@@ -55,12 +56,13 @@ def build_callbacks(cfg: DictConfig, monitor: MonitorConfig) -> list:
 
 
 def build_loggers(cfg: DictConfig) -> list:
+    """The configured loggers (empty: no logging)."""
     # Only nodes with a _target_: an experiment may set e.g. logger.wandb.group while the
     # user picked logger=csv, which leaves a bare {group: ...} behind.
     return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
 
 
-def launcher_rank() -> Optional[int]:
+def launcher_rank() -> int | None:
     """This process's global rank as an external launcher (torchrun, srun) or Lightning's own
     subprocess launcher set it; None in a plain process that has not launched workers yet."""
     for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
@@ -108,8 +110,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module.save_hyperparameters({"run_config": OmegaConf.to_container(cfg, resolve=True)})
     loggers = build_loggers(cfg)
     trainer = instantiate(
-        cfg.trainer, strategy=build_strategy(plan.data_parallel_size, plan.tensor_parallel_size),
-        callbacks=build_callbacks(cfg, plan.monitor), logger=loggers or False,
+        cfg.trainer,
+        strategy=build_strategy(plan.data_parallel_size, plan.tensor_parallel_size),
+        callbacks=build_callbacks(cfg, plan.monitor),
+        logger=loggers or False,
     )
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -181,8 +185,15 @@ def _relaunch_sweep_job(cfg: DictConfig) -> dict[str, float]:
     job = OmegaConf.to_container(cfg, resolve=True)
     OmegaConf.save(OmegaConf.create(job), out / "job_config.yaml")
     cmd = [
-        sys.executable, "-m", "mha_lightning.train", "--config-path", str(out.resolve()),
-        "--config-name", "job_config", f"hydra.run.dir={out.resolve()}", "hydra.output_subdir=null",
+        sys.executable,
+        "-m",
+        "mha_lightning.train",
+        "--config-path",
+        str(out.resolve()),
+        "--config-name",
+        "job_config",
+        f"hydra.run.dir={out.resolve()}",
+        "hydra.output_subdir=null",
     ]
     log.info("sweep job %s needs several processes: running %s", out, " ".join(cmd))
     result = subprocess.run(cmd, check=False)
@@ -203,6 +214,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    """`mha-train` entry point (Hydra parses the command line)."""
     _hydra_main()
 
 

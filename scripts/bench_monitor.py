@@ -22,11 +22,11 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from mha_lightning.config import MonitorConfig
 from mha_lightning.data import SyntheticDataModule
 from mha_lightning.loggers import wandb_logger
 from mha_lightning.model import Seq2SeqTransformer
 from mha_lightning.module import Seq2SeqModule
-from mha_lightning.config import MonitorConfig
 from mha_lightning.monitor.callback import EntropyMonitor
 
 MODELS = {
@@ -49,9 +49,16 @@ class StepTimer(L.Callback):
 def run_once(args, every_n_steps: int | None, workdir: Path) -> tuple[float, int]:
     """-> (mean step seconds after warmup, target tokens per step)."""
     L.seed_everything(0, workers=True)
-    data = SyntheticDataModule(task="reverse", vocab_size=32, min_len=args.seq_len, max_len=args.seq_len,
-                               num_train=args.batch_size * (args.steps + 10), num_val=64, num_test=64,
-                               batch_size=args.batch_size)
+    data = SyntheticDataModule(
+        task="reverse",
+        vocab_size=32,
+        min_len=args.seq_len,
+        max_len=args.seq_len,
+        num_train=args.batch_size * (args.steps + 10),
+        num_val=64,
+        num_test=64,
+        batch_size=args.batch_size,
+    )
     model = Seq2SeqTransformer(vocab_size=32, dropout=0.0, **MODELS[args.model])
     module = Seq2SeqModule(model, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))
     timer = StepTimer()
@@ -60,16 +67,24 @@ def run_once(args, every_n_steps: int | None, workdir: Path) -> tuple[float, int
         config = MonitorConfig(every_n_steps=every_n_steps, render_plots=False, probe=False)
         callbacks.append(EntropyMonitor(config, output_dir=str(workdir)))
     trainer = L.Trainer(
-        accelerator="auto", devices=1, max_steps=args.steps, limit_val_batches=0, logger=wandb_logger(
-            offline=True, save_dir=str(workdir), project="bench"),
-        callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        use_distributed_sampler=False, inference_mode=False, log_every_n_steps=50,
+        accelerator="auto",
+        devices=1,
+        max_steps=args.steps,
+        limit_val_batches=0,
+        logger=wandb_logger(offline=True, save_dir=str(workdir), project="bench"),
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        inference_mode=False,
+        log_every_n_steps=50,
     )
     trainer.fit(module, datamodule=data)
     import wandb
 
     wandb.finish()
-    measured = timer.times[args.warmup:]
+    measured = timer.times[args.warmup :]
     return statistics.fmean(measured), args.batch_size * (args.seq_len + 1)
 
 
@@ -93,15 +108,29 @@ def main() -> None:
                 step, tokens = run_once(args, n, Path(tmp) / f"{r}_{name.replace(' ', '_')}")
                 times[name].append(step)
     base = statistics.median(times["off"])
-    results = {"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
-               "rounds": args.rounds, "device": "cuda" if torch.cuda.is_available() else "cpu", "modes": {}}
+    results = {
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "modes": {},
+    }
     print(f"{'monitoring':<14}{'step ms':>10}{'tokens/s':>12}{'throughput vs off':>20}{'step time vs off':>18}")
     for name in modes:
         t = statistics.median(times[name])
-        row = {"step_ms": 1e3 * t, "tokens_per_s": tokens / t, "throughput_ratio": base / t, "step_time_ratio": t / base}
+        row = {
+            "step_ms": 1e3 * t,
+            "tokens_per_s": tokens / t,
+            "throughput_ratio": base / t,
+            "step_time_ratio": t / base,
+        }
         results["modes"][name] = row
-        print(f"{name:<14}{row['step_ms']:>10.2f}{row['tokens_per_s']:>12.0f}{row['throughput_ratio']:>20.3f}"
-              f"{row['step_time_ratio']:>18.3f}")
+        print(
+            f"{name:<14}{row['step_ms']:>10.2f}{row['tokens_per_s']:>12.0f}{row['throughput_ratio']:>20.3f}"
+            f"{row['step_time_ratio']:>18.3f}"
+        )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
 

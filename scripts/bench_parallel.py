@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
-from torch.utils._pytree import tree_leaves
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from mha_lightning import parallel
 from mha_lightning.model import Seq2SeqTransformer
@@ -144,8 +144,11 @@ def worker(rank: int, tp: int, args: argparse.Namespace, out_dir: str, port: int
         src = torch.randint(4, args.vocab_size, (B, S), device=device)
         tgt = torch.randint(4, args.vocab_size, (B, S + 1), device=device)
 
-        phases = {"forward": contextlib.nullcontext, "backward": contextlib.nullcontext,
-                  "optimizer": contextlib.nullcontext}
+        phases = {
+            "forward": contextlib.nullcontext,
+            "backward": contextlib.nullcontext,
+            "optimizer": contextlib.nullcontext,
+        }
 
         def step() -> None:
             with phases["forward"](), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -254,8 +257,12 @@ def table(results: dict[int, dict]) -> str:
             if calls:
                 ops = ", ".join(f"{op} x{n} ({sizes_b[op]:,} B)" for op, n in sorted(calls.items()))
                 lines.append(f"tp={tp} {phase}: {ops}")
-    lines.append("step-time medians by round (ms): " + "; ".join(
-        f"tp={tp}: " + ", ".join(f"{m:.1f}" for m in results[tp]["step_ms_median_by_round"]) for tp in sizes))
+    lines.append(
+        "step-time medians by round (ms): "
+        + "; ".join(
+            f"tp={tp}: " + ", ".join(f"{m:.1f}" for m in results[tp]["step_ms_median_by_round"]) for tp in sizes
+        )
+    )
     return "\n".join(lines)
 
 
@@ -271,8 +278,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="tensor-parallel sizes to compare")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per rank (default: cores / tp)")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help=f"per-device peak for MFU (default on CUDA: {H100_BF16_DENSE_TFLOPS}, H100 bf16 dense)")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help=f"per-device peak for MFU (default on CUDA: {H100_BF16_DENSE_TFLOPS}, H100 bf16 dense)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -303,16 +314,21 @@ def main(argv: list[str] | None = None) -> dict:
         results[tp]["step_ms_median_by_round"] = medians[tp]
 
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU, {os.cpu_count()} cores, gloo, fp32"
-    print(f"{args.model} model, batch {args.batch_size} x seq {args.seq_len}, {args.steps} timed steps, "
-          f"best of {args.rounds} round(s); {device}")
+    print(
+        f"{args.model} model, batch {args.batch_size} x seq {args.seq_len}, {args.steps} timed steps, "
+        f"best of {args.rounds} round(s); {device}"
+    )
     print(table(results))
     report = {
         "device": device,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "results": {str(tp): r for tp, r in results.items()},
         "ratios_vs_first": {
-            str(tp): {key: (results[tp][key] / results[sizes[0]][key] if results[sizes[0]].get(key) else None)
-                      for _, key, _ in ROWS if key in results[tp]}
+            str(tp): {
+                key: (results[tp][key] / results[sizes[0]][key] if results[sizes[0]].get(key) else None)
+                for _, key, _ in ROWS
+                if key in results[tp]
+            }
             for tp in sizes[1:]
         },
     }

@@ -45,4 +45,3 @@ def _offline_wandb(tmp_path, monkeypatch):
 
     if wandb.run is not None:
         wandb.finish()
-

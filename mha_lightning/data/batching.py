@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -14,6 +14,8 @@ Example = tuple[list[int], list[int]]  # (source ids, target ids), no BOS/EOS
 
 
 class PairDataset(Dataset):
+    """(source ids, target ids) pairs, indexable."""
+
     def __init__(self, pairs: Sequence[Example]) -> None:
         self.pairs = list(pairs)
 
@@ -25,6 +27,7 @@ class PairDataset(Dataset):
 
 
 def pad(seqs: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(len(seqs), longest) long tensor, right-padded with PAD."""
     out = torch.full((len(seqs), max(len(s) for s in seqs)), PAD_ID, dtype=torch.long)
     for i, s in enumerate(seqs):
         out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
@@ -110,12 +113,15 @@ class BucketBatchSampler(Sampler[list[int]]):
         return len(self._global_batches())
 
     def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for ``epoch`` (the order is a function of seed + epoch)."""
         self.epoch = epoch
 
     def state_dict(self, consumed: int) -> dict:
+        """The epoch, and ``consumed``: batches of it already taken."""
         return {"epoch": self.epoch, "consumed": consumed}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume at a :meth:`state_dict`: the next iteration skips the consumed batches."""
         self.epoch = state["epoch"]
         self._start = state["consumed"]
 
@@ -135,10 +141,13 @@ class ResumableDataLoader(DataLoader):
         return super().__iter__()
 
     def mark_step(self) -> None:
+        """Count one batch as consumed (the training step calls this)."""
         self.consumed += 1
 
     def state_dict(self) -> dict:
+        """Saved by Lightning with the loop state: the sampler's epoch and the batches consumed."""
         return self.batch_sampler.state_dict(self.consumed)
 
     def load_state_dict(self, state: dict) -> None:
+        """Restored by Lightning on resume; see :meth:`BucketBatchSampler.load_state_dict`."""
         self.batch_sampler.load_state_dict(state)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import lightning as L
 import torch
+from typing_extensions import override
 
 from mha_lightning.data.batching import BucketBatchSampler, Example, PairDataset, ResumableDataLoader, collate
 from mha_lightning.data.vocab import EOS_ID, NUM_SPECIAL, PAD_ID
@@ -25,7 +26,7 @@ class Seq2SeqDataModule(L.LightningDataModule):
     def __init__(
         self,
         batch_size: int = 64,
-        eval_batch_size: Optional[int] = None,
+        eval_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
         probe_size: int = 32,
@@ -42,6 +43,7 @@ class Seq2SeqDataModule(L.LightningDataModule):
 
     @property
     def vocab_size(self) -> int:
+        """Token ids are in ``[0, vocab_size)``, the 4 special ids included."""
         raise NotImplementedError
 
     def check_inputs(self) -> None:
@@ -67,16 +69,22 @@ class Seq2SeqDataModule(L.LightningDataModule):
             **self._sampler_kwargs(),
         )
         return ResumableDataLoader(
-            PairDataset(pairs), sampler, collate_fn=collate, num_workers=self.num_workers,
+            PairDataset(pairs),
+            sampler,
+            collate_fn=collate,
+            num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
+    @override
     def train_dataloader(self):
         return self._loader("train", train=True)
 
+    @override
     def val_dataloader(self):
         return self._loader("val", train=False)
 
+    @override
     def test_dataloader(self):
         return self._loader("test", train=False)
 
@@ -86,6 +94,7 @@ class Seq2SeqDataModule(L.LightningDataModule):
 
 
 def strip_ids(ids: Sequence[int]) -> list[int]:
+    """Ids up to the first EOS, special ids (PAD, BOS, UNK) dropped."""
     out = []
     for i in ids:
         i = int(i)
@@ -97,6 +106,8 @@ def strip_ids(ids: Sequence[int]) -> list[int]:
 
 
 class SyntheticDataModule(Seq2SeqDataModule):
+    """A synthetic task (``mha_lightning.data.synthetic``): all splits generated, seeded, when built."""
+
     def __init__(
         self,
         task: str = "reverse",
@@ -121,6 +132,7 @@ class SyntheticDataModule(Seq2SeqDataModule):
         }
 
     @property
+    @override
     def vocab_size(self) -> int:
         return self._vocab_size
 
@@ -137,7 +149,7 @@ class TextDataModule(Seq2SeqDataModule):
         self,
         train: dict,
         val: dict,
-        test: Optional[dict] = None,
+        test: dict | None = None,
         tokenizer_path: str = "tokenizer.json",
         vocab_size: int = 8000,
         min_len: int = 1,
@@ -153,9 +165,11 @@ class TextDataModule(Seq2SeqDataModule):
         self.tokenizer = None
 
     @property
+    @override
     def vocab_size(self) -> int:
         return self._vocab_size
 
+    @override
     def check_inputs(self) -> None:
         from mha_lightning.data.text import check_parallel_files
 
@@ -168,7 +182,9 @@ class TextDataModule(Seq2SeqDataModule):
 
         return read_parallel_text(**self.files[split], split=split)
 
+    @override
     def prepare_data(self) -> None:
+        """Train and save the tokenizer unless ``tokenizer_path`` exists (once, before ``setup``)."""
         from mha_lightning.data.tokenizer import load_or_train_tokenizer
 
         if not self.tokenizer_path.exists():
@@ -176,7 +192,9 @@ class TextDataModule(Seq2SeqDataModule):
             texts = [t for pair in pairs for t in pair]
             load_or_train_tokenizer(self.tokenizer_path, texts, self._vocab_size)
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    @override
+    def setup(self, stage: str | None = None) -> None:
+        """Load the tokenizer and encode the splits ``stage`` needs (evaluation: val and test only)."""
         from mha_lightning.data.text import filter_by_length
         from mha_lightning.data.tokenizer import BPETokenizer
 
@@ -195,8 +213,13 @@ class TextDataModule(Seq2SeqDataModule):
             if split in self.splits or self.files[split] is None:
                 continue
             pairs = self._read(split)
-            encoded = list(zip(self.tokenizer.encode_batch([s for s, _ in pairs]),
-                               self.tokenizer.encode_batch([t for _, t in pairs])))
+            encoded = list(
+                zip(
+                    self.tokenizer.encode_batch([s for s, _ in pairs]),
+                    self.tokenizer.encode_batch([t for _, t in pairs]),
+                    strict=True,
+                )
+            )
             # Evaluation keeps every sentence (truncated to the model's reach); training filters.
             # Targets too: the teacher-forced val/test loss feeds BOS + target to the decoder.
             if split == "train":
@@ -207,6 +230,7 @@ class TextDataModule(Seq2SeqDataModule):
         if self.files["test"] is None:
             self.splits["test"] = self.splits["val"]
 
+    @override
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(strip_ids(ids))
 

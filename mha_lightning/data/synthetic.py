@@ -7,7 +7,7 @@ non-monotonic alignments, which is where cross-attention heads have to do real w
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 from mha_lightning.data.vocab import NUM_SPECIAL
 from mha_lightning.errors import ConfigError

@@ -9,8 +9,8 @@ outside the token-length limits are counted and logged as warnings.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from mha_lightning.errors import ConfigError, DataError
 
@@ -43,9 +43,7 @@ def _iter_lines(path: Path, split: str | None) -> Iterator[str]:
     try:
         f = path.open("rb")
     except OSError as e:
-        raise DataError(
-            f"cannot open data file {path}: {e.strerror or e} ({_config_hint(split)})"
-        ) from None
+        raise DataError(f"cannot open data file {path}: {e.strerror or e} ({_config_hint(split)})") from None
     offset = 0  # byte offset of the start of the current line in the file
     with f:
         for lineno, raw in enumerate(f, start=1):
@@ -96,7 +94,7 @@ def _read_aligned(src: Path, tgt: Path, split: str | None) -> list[tuple[str, st
         )
     pairs: list[tuple[str, str]] = []
     n_empty = 0
-    for s, t in zip(src_lines, tgt_lines):
+    for s, t in zip(src_lines, tgt_lines, strict=True):
         s, t = s.strip(), t.strip()
         if s and t:
             pairs.append((s, t))
@@ -177,8 +175,7 @@ def check_parallel_files(
     if src is None or tgt is None:
         if not have_aligned:
             raise DataError(
-                f"no data files given: set both src and tgt (aligned text files) or tsv; "
-                f"{_config_hint(split)}"
+                f"no data files given: set both src and tgt (aligned text files) or tsv; {_config_hint(split)}"
             )
         raise DataError(
             f"aligned text needs both src and tgt files (got src={src}, tgt={tgt}); set the "

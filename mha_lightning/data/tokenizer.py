@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from mha_lightning.errors import ConfigError, DataError
 from mha_lightning.data.vocab import EOS_ID, NUM_SPECIAL, SPECIAL_TOKENS, UNK_ID
+from mha_lightning.errors import ConfigError, DataError
 
 __all__ = ["BPETokenizer", "load_or_train_tokenizer", "MIN_FULL_BYTE_VOCAB"]
 
@@ -60,9 +60,7 @@ class BPETokenizer:
         return tok
 
     @classmethod
-    def train(
-        cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2
-    ) -> "BPETokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> BPETokenizer:
         """Train one joint vocabulary of at most ``vocab_size`` entries on ``texts``.
 
         ``texts`` is consumed once (it may be a generator); pass source and target
@@ -77,9 +75,7 @@ class BPETokenizer:
                 f"recommended)"
             )
         if min_frequency < 1:
-            raise ConfigError(
-                f"tokenizer min_frequency must be >= 1, got {min_frequency}; fix the setting"
-            )
+            raise ConfigError(f"tokenizer min_frequency must be >= 1, got {min_frequency}; fix the setting")
         kwargs: dict = {}
         if vocab_size >= MIN_FULL_BYTE_VOCAB:
             kwargs["initial_alphabet"] = pre_tokenizers.ByteLevel.alphabet()
@@ -141,15 +137,13 @@ class BPETokenizer:
                 tmp.unlink()
 
     @classmethod
-    def load(cls, path: str | Path) -> "BPETokenizer":
+    def load(cls, path: str | Path) -> BPETokenizer:
         """Load a tokenizer JSON file written by :meth:`save`."""
         path = Path(path)
         hint = "retrain the tokenizer or point data.tokenizer_path at a valid file"
         if not path.is_file():
             raise DataError(f"tokenizer file not found: {path}; {hint}")
-        hint = (
-            "retrain the tokenizer (delete this file) or point data.tokenizer_path at a valid file"
-        )
+        hint = "retrain the tokenizer (delete this file) or point data.tokenizer_path at a valid file"
         try:
             tok = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for bad JSON
@@ -190,6 +184,7 @@ class BPETokenizer:
         return text[1:] if text.startswith(" ") else text
 
     def id_to_token(self, i: int) -> str | None:
+        """The token string of id ``i``; None outside the vocabulary."""
         return self._tok.id_to_token(int(i))
 
     def __len__(self) -> int:

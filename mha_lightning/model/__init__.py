@@ -1,7 +1,7 @@
 """Single-device model code: attention (with its swappable core) and the seq2seq transformer."""
 
-from mha_lightning.model.attention import AttentionMask, MultiHeadAttention, ProbingCore, SDPACore
 from mha_lightning.kinds import ATTENTION_KINDS
+from mha_lightning.model.attention import AttentionMask, MultiHeadAttention, ProbingCore, SDPACore
 from mha_lightning.model.transformer import Seq2SeqTransformer, TransformerConfig
 
 __all__ = [

@@ -13,11 +13,13 @@ monitor, analysis and speed work swap in without touching ``forward`` or the sha
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import override
 
 
 class AttentionMask(NamedTuple):
@@ -44,6 +46,7 @@ AttentionObserver = Callable[[Tensor, AttentionMask], None]
 class SDPACore(nn.Module):
     """The default core: ``F.scaled_dot_product_attention`` (fused kernels where available)."""
 
+    @override
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout_p: float) -> Tensor:
         """q (B, H, Tq, hd), k and v (B, H, Tk, hd) -> (B, H, Tq, hd)."""
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.keys.unsqueeze(1), dropout_p=dropout_p)
@@ -59,6 +62,7 @@ class ProbingCore(nn.Module):
         super().__init__()
         self.observer = observer
 
+    @override
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout_p: float) -> Tensor:
         """q (B, H, Tq, hd), k and v (B, H, Tk, hd) -> (B, H, Tq, hd)."""
         probs = attention_probs(q, k, mask)
@@ -82,7 +86,7 @@ class MultiHeadAttention(nn.Module):
         self,
         d_model: int,
         num_heads: int,
-        head_dim: Optional[int] = None,
+        head_dim: int | None = None,
         dropout: float = 0.0,
         bias: bool = True,
     ) -> None:
@@ -97,7 +101,8 @@ class MultiHeadAttention(nn.Module):
         self.dropout = dropout
         self.core: nn.Module = SDPACore()
 
-    def forward(self, x: Tensor, *, mask: AttentionMask, memory: Optional[Tensor] = None) -> Tensor:
+    @override
+    def forward(self, x: Tensor, *, mask: AttentionMask, memory: Tensor | None = None) -> Tensor:
         """x: (B, Tq, D) queries; memory: (B, Tk, D) keys/values, None for self-attention.
 
         ``mask`` and ``memory`` are keyword-only: the tensor-parallel plan names its inputs,

@@ -7,13 +7,14 @@ shards the attention and FFN Linears of these blocks in place.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import override
 
 from mha_lightning.errors import ConfigError
 from mha_lightning.model.attention import AttentionMask, MultiHeadAttention, SDPACore
@@ -34,7 +35,7 @@ class TransformerConfig:
     vocab_size: int
     d_model: int = 64
     num_heads: int = 4
-    head_dim: Optional[int] = None  # default d_model // num_heads; independent on purpose
+    head_dim: int | None = None  # default d_model // num_heads; independent on purpose
     num_encoder_layers: int = 2
     num_decoder_layers: int = 2
     ffn_dim: int = 128
@@ -48,7 +49,15 @@ class TransformerConfig:
     pad_id: int = 0
 
     def __post_init__(self) -> None:
-        positive = ("vocab_size", "d_model", "num_heads", "num_encoder_layers", "num_decoder_layers", "ffn_dim", "max_len")
+        positive = (
+            "vocab_size",
+            "d_model",
+            "num_heads",
+            "num_encoder_layers",
+            "num_decoder_layers",
+            "ffn_dim",
+            "max_len",
+        )
         for key in positive:
             value = getattr(self, key)
             if not isinstance(value, int) or value <= 0:
@@ -72,6 +81,8 @@ class TransformerConfig:
 
 
 class FeedForward(nn.Module):
+    """Position-wise fc2(dropout(act(fc1(x)))); fc1 and fc2 are what tensor parallelism shards."""
+
     def __init__(self, d_model: int, ffn_dim: int, activation: str, dropout: float) -> None:
         super().__init__()
         self.fc1 = nn.Linear(d_model, ffn_dim)
@@ -79,7 +90,9 @@ class FeedForward(nn.Module):
         self.act = ACTIVATIONS[activation]
         self.dropout = nn.Dropout(dropout)
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
+        """(..., D) -> (..., D)."""
         return self.fc2(self.dropout(self.act(self.fc1(x))))
 
 
@@ -92,13 +105,17 @@ class Residual(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.norm_first = norm_first
 
+    @override
     def forward(self, x: Tensor, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
+        """``sublayer`` wrapped in the norm, dropout and residual; x and the result (B, T, D)."""
         if self.norm_first:
             return x + self.dropout(sublayer(self.norm(x)))
         return self.norm(x + self.dropout(sublayer(x)))
 
 
 class EncoderLayer(nn.Module):
+    """Self-attention then feed-forward, each in a :class:`Residual`."""
+
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.attention_dropout)
@@ -106,12 +123,16 @@ class EncoderLayer(nn.Module):
         self.attn_block = Residual(cfg.d_model, cfg.dropout, cfg.norm_first)
         self.ffn_block = Residual(cfg.d_model, cfg.dropout, cfg.norm_first)
 
+    @override
     def forward(self, x: Tensor, mask: AttentionMask) -> Tensor:
+        """x: (B, S, D) -> (B, S, D)."""
         x = self.attn_block(x, lambda h: self.self_attn(h, mask=mask))
         return self.ffn_block(x, self.ffn)
 
 
 class DecoderLayer(nn.Module):
+    """Causal self-attention, cross-attention over the encoder memory, then feed-forward."""
+
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.attention_dropout)
@@ -121,13 +142,16 @@ class DecoderLayer(nn.Module):
         self.cross_block = Residual(cfg.d_model, cfg.dropout, cfg.norm_first)
         self.ffn_block = Residual(cfg.d_model, cfg.dropout, cfg.norm_first)
 
+    @override
     def forward(self, y: Tensor, memory: Tensor, self_mask: AttentionMask, cross_mask: AttentionMask) -> Tensor:
+        """y: (B, T, D), memory: (B, S, D) -> (B, T, D)."""
         y = self.self_block(y, lambda h: self.self_attn(h, mask=self_mask))
         y = self.cross_block(y, lambda h: self.cross_attn(h, mask=cross_mask, memory=memory))
         return self.ffn_block(y, self.ffn)
 
 
 def sinusoidal_positions(max_len: int, d_model: int) -> Tensor:
+    """(max_len, d_model) fixed encodings of Vaswani et al.: sin on even, cos on odd dimensions."""
     position = torch.arange(max_len, dtype=torch.float32).unsqueeze(1)
     freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
     table = torch.zeros(max_len, d_model)
@@ -151,7 +175,9 @@ class Embedder(nn.Module):
             self.register_buffer("sinusoid", sinusoidal_positions(cfg.max_len, cfg.d_model), persistent=False)
         self.dropout = nn.Dropout(cfg.dropout)
 
+    @override
     def forward(self, ids: Tensor) -> Tensor:
+        """ids: (B, T) -> (B, T, D); ValueError when T exceeds ``max_len``."""
         T = ids.shape[1]
         if T > self.max_len:
             raise ValueError(f"sequence length {T} exceeds model.max_len ({self.max_len})")
@@ -171,6 +197,8 @@ def _token_embedding(cfg: TransformerConfig) -> nn.Embedding:
 
 
 class Seq2SeqTransformer(nn.Module):
+    """Encoder-decoder transformer; ``config`` are the :class:`TransformerConfig` fields."""
+
     def __init__(self, **config) -> None:
         super().__init__()
         cfg = self.config = TransformerConfig(**config)
@@ -188,6 +216,7 @@ class Seq2SeqTransformer(nn.Module):
             self.output.weight = tgt_tokens.weight
 
     def hparams(self) -> dict:
+        """The resolved config as a plain dict (saved in checkpoints to rebuild the model)."""
         return asdict(self.config)
 
     def attention_layers(self) -> dict[str, list[MultiHeadAttention]]:
@@ -198,7 +227,7 @@ class Seq2SeqTransformer(nn.Module):
             "cross": [layer.cross_attn for layer in self.decoder_layers],
         }
 
-    def set_attention_core(self, make: Optional[CoreFactory]) -> None:
+    def set_attention_core(self, make: CoreFactory | None) -> None:
         """Give every attention module the core ``make(kind, layer)`` returns; None restores SDPA.
 
         The one swap point for probing (entropy), gating (head masks) and caching cores: cores
@@ -215,7 +244,9 @@ class Seq2SeqTransformer(nn.Module):
         try:
             yield
         finally:
-            for attn, core in zip((a for mods in self.attention_layers().values() for a in mods), previous):
+            for attn, core in zip(
+                (a for mods in self.attention_layers().values() for a in mods), previous, strict=True
+            ):
                 attn.core = core
 
     def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
@@ -239,7 +270,9 @@ class Seq2SeqTransformer(nn.Module):
             y = layer(y, memory, self_mask, cross_mask)
         return self.output(self.decoder_norm(y))
 
+    @override
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher forcing: src (B, S), tgt_in (B, T) ids -> logits (B, T, V)."""
         memory, src_valid = self.encode(src)
         return self.decode(tgt_in, memory, src_valid)
 
@@ -251,7 +284,7 @@ class Seq2SeqTransformer(nn.Module):
         eos_id: int,
         beam_size: int = 1,
         length_penalty: float = 0.6,
-        sync_done: Optional[DoneSync] = None,
+        sync_done: DoneSync | None = None,
     ) -> Tensor:
         """Greedy (beam_size 1) or beam search -> (B, L) ids without BOS, PAD after EOS."""
         if beam_size > 1:
@@ -266,7 +299,7 @@ class Seq2SeqTransformer(nn.Module):
 
     @torch.no_grad()
     def greedy_decode(
-        self, src: Tensor, max_len: int, bos_id: int, eos_id: int, sync_done: Optional[DoneSync] = None
+        self, src: Tensor, max_len: int, bos_id: int, eos_id: int, sync_done: DoneSync | None = None
     ) -> Tensor:
         """Batched greedy decoding -> (B, L) ids without BOS, PAD after EOS."""
         memory, src_valid = self.encode(src)
@@ -292,7 +325,7 @@ class Seq2SeqTransformer(nn.Module):
         eos_id: int,
         beam_size: int = 4,
         length_penalty: float = 0.6,
-        sync_done: Optional[DoneSync] = None,
+        sync_done: DoneSync | None = None,
     ) -> Tensor:
         """Batched beam search with GNMT length penalty ((5 + len) / 6) ** alpha.
 
@@ -332,5 +365,5 @@ class Seq2SeqTransformer(nn.Module):
         return ys[best, 1:]
 
 
-def _all_done(local_done: bool, sync_done: Optional[DoneSync]) -> bool:
+def _all_done(local_done: bool, sync_done: DoneSync | None) -> bool:
     return sync_done(local_done) if sync_done is not None else local_done

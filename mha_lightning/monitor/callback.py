@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
 
 import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import WandbLogger
+from typing_extensions import override
 
 from mha_lightning.config import MonitorConfig
 from mha_lightning.model import ATTENTION_KINDS, ProbingCore
@@ -33,7 +33,8 @@ class EntropyMonitor(L.Callback):
     ``config`` is the ``monitor`` group (:class:`MonitorConfig`, validated when built); files go
     to ``output_dir`` (default: the trainer's ``default_root_dir``)."""
 
-    def __init__(self, config: MonitorConfig = MonitorConfig(), output_dir: Optional[str] = None) -> None:
+    # MonitorConfig is a frozen dataclass: one shared default instance is safe.
+    def __init__(self, config: MonitorConfig = MonitorConfig(), output_dir: str | None = None) -> None:  # noqa: B008
         self.output_dir = Path(output_dir) if output_dir else None
         self.every_n_steps = config.every_n_steps
         self.collapse_threshold = config.collapse_threshold
@@ -46,6 +47,7 @@ class EntropyMonitor(L.Callback):
         self._measured_step = -1
 
     # ------------------------------------------------------------------ wiring
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.output_dir is None:
             self.output_dir = Path(trainer.default_root_dir)
@@ -61,8 +63,9 @@ class EntropyMonitor(L.Callback):
         """Swap every attention's core for a probing one that feeds a fresh accumulator."""
         model = pl_module.model
         local_heads, _ = self._layout(pl_module)
-        self._accumulators = {kind: [HeadEntropyAccumulator(local_heads) for _ in mods]
-                              for kind, mods in model.attention_layers().items()}
+        self._accumulators = {
+            kind: [HeadEntropyAccumulator(local_heads) for _ in mods] for kind, mods in model.attention_layers().items()
+        }
         model.set_attention_core(lambda kind, layer: ProbingCore(self._accumulators[kind][layer]))
         self._active = True
 
@@ -80,7 +83,7 @@ class EntropyMonitor(L.Callback):
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat = flat.cpu()
         result, offset = {}, 0
-        for kind, s in zip(ATTENTION_KINDS, states):
+        for kind, s in zip(ATTENTION_KINDS, states, strict=True):
             summed = flat[offset : offset + s.numel()].view_as(s)
             offset += s.numel()
             entropy, normalised = finalize(summed)
@@ -88,19 +91,25 @@ class EntropyMonitor(L.Callback):
         return result
 
     # ------------------------------------------------------------------ training steps
+    @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        """Probe this batch's forward every ``every_n_steps`` optimizer steps."""
         step = trainer.global_step
         if step % self.every_n_steps == 0 and step != self._measured_step:
             self._measured_step = step
             self._attach(pl_module)
 
+    @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """Restore the default cores; reduce the probed batch over all ranks and publish it."""
         if self._active:
             self._detach(pl_module)
             self._publish(trainer, "train", self._measured_step, self._reduce(pl_module))
 
     # ------------------------------------------------------------------ validation probe
+    @override
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        """Measure the fixed probe set (eval mode, no grad) and publish it under ``val_``."""
         dm = trainer.datamodule
         if not self.probe or dm is None or not hasattr(dm, "probe_batch"):
             return
@@ -147,7 +156,13 @@ class EntropyMonitor(L.Callback):
                     log.warning(
                         "attention entropy collapse: %s layer %d head %d normalised entropy %.4f < "
                         "monitor.collapse_threshold %.4f at step %d (%s)",
-                        kind, layer, head, norm[layer, head], self.collapse_threshold, step, split,
+                        kind,
+                        layer,
+                        head,
+                        norm[layer, head],
+                        self.collapse_threshold,
+                        step,
+                        split,
                     )
         return counts
 
@@ -156,13 +171,16 @@ class EntropyMonitor(L.Callback):
         if not wandb_loggers:
             return
         images = [heatmap_array(norm) for _, norm in values.values()]
-        captions = [f"{kind} {split} step {step}: normalised entropy, rows = layers, columns = heads"
-                    for kind in values]
+        captions = [
+            f"{kind} {split} step {step}: normalised entropy, rows = layers, columns = heads" for kind in values
+        ]
         for lg in wandb_loggers:
             lg.log_image(key=f"attn_heatmap/{split}", images=images, step=step, caption=captions)
 
     # ------------------------------------------------------------------ end of training
+    @override
     def on_fit_end(self, trainer, pl_module) -> None:
+        """Rank 0: the last measurements as a W&B table, and PNG plots of the record."""
         if not trainer.is_global_zero or not self.latest:
             return
         rows = [
@@ -173,8 +191,11 @@ class EntropyMonitor(L.Callback):
         ]
         for lg in trainer.loggers:
             if isinstance(lg, WandbLogger):
-                lg.log_table(key="attn_entropy/final", columns=["split", "kind", "layer", "head", "entropy",
-                                                                "entropy_norm"], data=rows)
+                lg.log_table(
+                    key="attn_entropy/final",
+                    columns=["split", "kind", "layer", "head", "entropy", "entropy_norm"],
+                    data=rows,
+                )
         csv_path = record_path(self.output_dir)
         if self.render_plots and csv_path.exists():
             for split in self.latest:

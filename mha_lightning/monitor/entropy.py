@@ -8,7 +8,7 @@ batches, ranks and shards is sum(H_i) / count: sums add exactly where means woul
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -24,6 +24,7 @@ class HeadEntropyAccumulator:
         self.reset()
 
     def reset(self) -> None:
+        """Forget everything accumulated."""
         # (4, H_local) float64: entropy sum, query count, normalised sum, normalised count.
         # Created on the first call, on the attention's device (no host sync per layer).
         self.state: Tensor | None = None
@@ -41,12 +42,14 @@ class HeadEntropyAccumulator:
         # torch.where, never multiplication: an excluded row must not carry a NaN in.
         ent = torch.where(valid, row_entropy.double(), 0.0)
         norm = torch.where(norm_valid, row_entropy.double() / log_n, 0.0)
-        update = torch.stack([
-            ent.sum((0, 2)),
-            valid.sum((0, 2)).double().expand(H),
-            norm.sum((0, 2)),
-            norm_valid.sum((0, 2)).double().expand(H),
-        ])
+        update = torch.stack(
+            [
+                ent.sum((0, 2)),
+                valid.sum((0, 2)).double().expand(H),
+                norm.sum((0, 2)),
+                norm_valid.sum((0, 2)).double().expand(H),
+            ]
+        )
         self.state = update if self.state is None else self.state + update
 
 

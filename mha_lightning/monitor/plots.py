@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -330,7 +331,9 @@ def render_all(
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"cannot create output directory {out}: {_short(e.strerror or str(e), 80)}; pass a writable --out") from None
+        raise ConfigError(
+            f"cannot create output directory {out}: {_short(e.strerror or str(e), 80)}; pass a writable --out"
+        ) from None
 
     written: list[Path] = []
     for kind in t.kinds(split):
@@ -347,14 +350,18 @@ def render_all(
         for s, m in mats.items():
             title = f"{_KIND_LABELS.get(kind, kind)} — {split}, step {s}"
             jobs.append(
-                (heatmap_figure(m, title, _VALUE_LABELS[value], vmin=vmin, vmax=vmax),
-                 out / f"heatmap_{kind}_{split}_{value}_step{s}.png")
+                (
+                    heatmap_figure(m, title, _VALUE_LABELS[value], vmin=vmin, vmax=vmax),
+                    out / f"heatmap_{kind}_{split}_{value}_step{s}.png",
+                )
             )
         for fig, p in jobs:
             try:
                 written.append(figure_to_png(fig, p))
             except OSError as e:
-                raise ConfigError(f"cannot write {p}: {_short(e.strerror or str(e), 80)}; pass a writable --out") from None
+                raise ConfigError(
+                    f"cannot write {p}: {_short(e.strerror or str(e), 80)}; pass a writable --out"
+                ) from None
     return written
 
 
@@ -381,12 +388,19 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN_DIR_OR_CSV", help=f"run directory containing {CSV_NAME}, or the CSV itself")
     p.add_argument("--out", metavar="DIR", help="output directory (default: <run_dir>/plots)")
     p.add_argument(
-        "--steps", nargs="+", type=int, metavar="N",
+        "--steps",
+        nargs="+",
+        type=int,
+        metavar="N",
         help="steps to draw heatmaps for (default: first and last logged step)",
     )
     p.add_argument("--split", choices=SPLITS, default="train", help="which split's entropy to plot (default: train)")
-    p.add_argument("--value", choices=VALUES, default="entropy",
-                   help="raw entropy in nats, or entropy normalised to [0, 1] (default: entropy)")
+    p.add_argument(
+        "--value",
+        choices=VALUES,
+        default="entropy",
+        help="raw entropy in nats, or entropy normalised to [0, 1] (default: entropy)",
+    )
     return p
 
 

@@ -27,9 +27,10 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -72,9 +73,7 @@ def record_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / CSV_NAME
 
 
-def append_rows(
-    path: str | Path, split: str, step: int, values: Mapping[str, tuple[np.ndarray, np.ndarray]]
-) -> None:
+def append_rows(path: str | Path, split: str, step: int, values: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
     """Append one measurement to the record at ``path`` (created, with its header, if absent).
 
     ``values`` maps kind -> (entropy, normalised entropy), both (layers, heads) arrays;
@@ -118,17 +117,14 @@ class EntropyTable:
         return int(self.step.shape[0])
 
     @classmethod
-    def from_records(
-        cls, records: Iterable[Mapping[str, Any]], source: str = "<records>"
-    ) -> "EntropyTable":
+    def from_records(cls, records: Iterable[Mapping[str, Any]], source: str = "<records>") -> EntropyTable:
         """Build a table from dicts with the CSV's column names (values may be str or numbers)."""
         cols: dict[str, list[Any]] = {c: [] for c in COLUMNS}
         for i, rec in enumerate(records):
             missing = [c for c in COLUMNS if c not in rec and c != "entropy_norm"]
             if missing:
                 raise DataError(
-                    f"{source}: record {i} lacks {', '.join(missing)}; "
-                    f"each record needs the keys {', '.join(COLUMNS)}"
+                    f"{source}: record {i} lacks {', '.join(missing)}; each record needs the keys {', '.join(COLUMNS)}"
                 )
             for c in COLUMNS:
                 v = rec.get(c, "")
@@ -138,13 +134,16 @@ class EntropyTable:
         return _build_table(cols, list(range(len(cols["step"]))), source, where="record")
 
     def splits(self) -> list[str]:
+        """The splits present: train, val, then any others alphabetically."""
         return _ordered(np.unique(self.split).tolist(), SPLITS)
 
     def kinds(self, split: str | None = None) -> list[str]:
+        """The attention kinds present (in ``split``), in canonical order."""
         sel = self.kind if split is None else self.kind[self.split == split]
         return _ordered(np.unique(sel).tolist(), KINDS)
 
     def steps(self, split: str | None = None) -> list[int]:
+        """The distinct steps (of ``split``), ascending."""
         sel = self.step if split is None else self.step[self.split == split]
         return [int(s) for s in np.unique(sel)]
 
@@ -156,6 +155,7 @@ class EntropyTable:
         return int(self.layer[m].max()) + 1, int(self.head[m].max()) + 1
 
     def values(self, value: str) -> np.ndarray:
+        """The ``entropy`` (nats) or ``entropy_norm`` ([0, 1]) column."""
         check_value(value)
         return self.entropy if value == "entropy" else self.entropy_norm
 
@@ -197,7 +197,9 @@ def load_entropy_csv(path: str | Path) -> EntropyTable:
             "(it appears in the run directory once entropy has been logged)"
         ) from None
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not a UTF-8 text CSV ({_short(str(e), 80)}); pass the {CSV_NAME} of a run") from None
+        raise DataError(
+            f"{path} is not a UTF-8 text CSV ({_short(str(e), 80)}); pass the {CSV_NAME} of a run"
+        ) from None
     except OSError as e:
         raise DataError(f"cannot read entropy CSV {path}: {_short(e.strerror or str(e), 80)}") from None
 
@@ -233,11 +235,13 @@ def load_entropy_csv(path: str | Path) -> EntropyTable:
             if len(row) < need:
                 short_row = (reader.line_num, len(row))
                 continue
-            for c, j in zip(COLUMNS, idx):
+            for c, j in zip(COLUMNS, idx, strict=True):
                 cols[c].append(row[j].strip())
             lines.append(reader.line_num)
     except csv.Error as e:
-        raise DataError(f"{path} line {reader.line_num}: malformed CSV ({_short(str(e), 80)}); fix or regenerate the file") from None
+        raise DataError(
+            f"{path} line {reader.line_num}: malformed CSV ({_short(str(e), 80)}); fix or regenerate the file"
+        ) from None
 
     if short_row is not None and (data_after_short or text.endswith(("\n", "\r"))):
         line, n = short_row
@@ -246,9 +250,7 @@ def load_entropy_csv(path: str | Path) -> EntropyTable:
             "fix or remove that line (was the file truncated or edited?)"
         )
     if not lines:
-        raise DataError(
-            f"{path} has a header but no data rows; train until entropy is logged, then rerun"
-        )
+        raise DataError(f"{path} has a header but no data rows; train until entropy is logged, then rerun")
     return _build_table(cols, lines, str(path), where="line")
 
 
@@ -336,15 +338,11 @@ def check_split_kind(t: EntropyTable, split: str, kind: str | None) -> None:
     """Raise :class:`DataError`, listing what is there, unless ``t`` has rows for ``split`` (and ``kind``)."""
     splits = t.splits()
     if split not in splits:
-        raise DataError(
-            f"{t.source} has no rows for split {split!r}; available splits: {', '.join(splits)}"
-        )
+        raise DataError(f"{t.source} has no rows for split {split!r}; available splits: {', '.join(splits)}")
     if kind is not None:
         kinds = t.kinds(split)
         if kind not in kinds:
-            raise DataError(
-                f"{t.source} has no {split} rows for kind {kind!r}; available kinds: {', '.join(kinds)}"
-            )
+            raise DataError(f"{t.source} has no {split} rows for kind {kind!r}; available kinds: {', '.join(kinds)}")
 
 
 def check_steps(t: EntropyTable, split: str, steps: Iterable[int]) -> list[int]:

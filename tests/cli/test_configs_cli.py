@@ -25,9 +25,16 @@ def cli_runs(tmp_path_factory):
     procs = {}
     for case, args in CLI_CASES.items():
         folder = tmp_path_factory.mktemp(f"cli_{case}")
-        procs[case] = folder, subprocess.Popen(
-            [sys.executable, "-m", "mha_lightning.train", *args], cwd=folder, env=cli_env(folder),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        procs[case] = (
+            folder,
+            subprocess.Popen(
+                [sys.executable, "-m", "mha_lightning.train", *args],
+                cwd=folder,
+                env=cli_env(folder),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
         )
     results = {}
     for case, (folder, proc) in procs.items():
@@ -50,8 +57,9 @@ def test_cli_cfg_job_prints_the_composed_config(cli_runs):
 # Hydra wraps an exception raised by a `_target_` in InstantiationException; mha_lightning.train.instantiate
 # unwraps a UserError cause, so the user gets one `error:` line and exit code 2, not "Error in call
 # to target ..." with a HYDRA_FULL_ERROR hint and exit code 1.
-@pytest.mark.parametrize("case, key", [("d_model", "model.d_model"), ("num_heads", "model.num_heads"),
-                                       ("task", "data.task")])
+@pytest.mark.parametrize(
+    "case, key", [("d_model", "model.d_model"), ("num_heads", "model.num_heads"), ("task", "data.task")]
+)
 def test_cli_invalid_value_fails_early_with_one_clear_line(cli_runs, case, key):
     rc, out, err, folder = cli_runs[case]
     assert "Traceback" not in err, err

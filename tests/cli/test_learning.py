@@ -20,15 +20,23 @@ pytestmark = pytest.mark.slow
 
 
 def test_tiny_model_learns_reverse(make_cfg, capsys):
-    cfg = make_cfg("experiment=reverse_tiny", "monitor.enabled=false", "logger=csv",
-                   "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false")
+    cfg = make_cfg(
+        "experiment=reverse_tiny",
+        "monitor.enabled=false",
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+    )
     run = Path(cfg.paths.output_dir)
     start = time.monotonic()
     metrics = train(cfg)
     elapsed = time.monotonic() - start
 
-    curve = [(int(r["step"]) + 1, float(r["val/exact_match"]))
-             for r in csv.DictReader(next(run.glob("csv/version_*/metrics.csv")).open()) if r["val/exact_match"]]
+    curve = [
+        (int(r["step"]) + 1, float(r["val/exact_match"]))
+        for r in csv.DictReader(next(run.glob("csv/version_*/metrics.csv")).open())
+        if r["val/exact_match"]
+    ]
     print(f"reverse_tiny + cosine: {cfg.trainer.max_steps} steps in {elapsed:.0f}s; val exact-match {curve}")
     assert metrics["test/exact_match"] >= 0.99, curve
 

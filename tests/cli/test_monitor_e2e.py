@@ -20,8 +20,16 @@ from mha_lightning.train import train
 
 KINDS, LAYERS, HEADS = ("enc_self", "dec_self", "cross"), 2, 4
 COMMON = [
-    "model=tiny", "data=reverse", "data.num_train=2000", "trainer.max_steps=10", "trainer.val_check_interval=10",
-    "trainer.log_every_n_steps=5", "monitor.every_n_steps=5", "test=false", "seed=3", "callbacks=none",
+    "model=tiny",
+    "data=reverse",
+    "data.num_train=2000",
+    "trainer.max_steps=10",
+    "trainer.val_check_interval=10",
+    "trainer.log_every_n_steps=5",
+    "monitor.every_n_steps=5",
+    "test=false",
+    "seed=3",
+    "callbacks=none",
 ]
 
 
@@ -77,7 +85,7 @@ def test_tp2_reports_every_head_once_equal_to_one_device_and_in_wandb(reference,
 
     (run_file,) = find_run_files(run_dir)
     history = read_history(run_file)
-    expected = {f"attn_entropy/{k}/L{l}/H{h}" for k in KINDS for l in range(LAYERS) for h in range(HEADS)}
+    expected = {f"attn_entropy/{k}/L{layer}/H{h}" for k in KINDS for layer in range(LAYERS) for h in range(HEADS)}
     expected |= {key.replace("attn_entropy/", "attn_entropy_norm/") for key in expected}
     expected |= {f"val_{key}" for key in expected}
     logged = {}
@@ -100,8 +108,9 @@ def test_tp2_reports_every_head_once_equal_to_one_device_and_in_wandb(reference,
 def test_dp2_gives_the_mean_over_all_data(reference, tmp_path):
     """dp=2 with 32 examples per rank sees the same global batches as one device with 64."""
     run_dir = tmp_path / "dp2"
-    run_cli(run_dir, tmp_path, "trainer.devices=2", "parallel.data_parallel_size=2", "data.batch_size=32",
-            "logger=none")
+    run_cli(
+        run_dir, tmp_path, "trainer.devices=2", "parallel.data_parallel_size=2", "data.batch_size=32", "logger=none"
+    )
     assert_same_entropies(read_entropy_csv(run_dir), reference)
 
 

@@ -37,8 +37,9 @@ DROPOUT = ["model.dropout=0.1", "model.attention_dropout=0.1"]
 def mha_train(run_dir: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "mha_lightning.train", *QUIET, *overrides, f"hydra.run.dir={run_dir}"]
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(cmd, cwd=run_dir.parent, env=cli_env(run_dir.parent), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        cmd, cwd=run_dir.parent, env=cli_env(run_dir.parent), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -63,9 +64,19 @@ def tp2_runs(tmp_path_factory):
     a, b = root / "A", root / "B"
     runs = {"A": ok(launch_torchrun(a, *SMALL, *LOGGED, *DROPOUT, "logger=[csv,wandb]", "trainer.max_steps=10"))}
     runs["B1"] = ok(mha_train(b, *TP2, *SMALL, *LOGGED, *DROPOUT, "logger=csv", "trainer.max_steps=5", "test=false"))
-    runs["B2"] = ok(mha_train(b, *TP2, *SMALL, *LOGGED, *DROPOUT, "logger=csv", "trainer.max_steps=10",
-                              "module.decoding.strategy=beam",
-                              f"ckpt_path={b / 'checkpoints' / 'last.ckpt'}"))
+    runs["B2"] = ok(
+        mha_train(
+            b,
+            *TP2,
+            *SMALL,
+            *LOGGED,
+            *DROPOUT,
+            "logger=csv",
+            "trainer.max_steps=10",
+            "module.decoding.strategy=beam",
+            f"ckpt_path={b / 'checkpoints' / 'last.ckpt'}",
+        )
+    )
     return a, b, runs
 
 
@@ -157,11 +168,22 @@ def test_single_device_checkpoint_initialises_tp2_run(tmp_path):
     """init_from a tp=1 checkpoint: the tp=2 model, before any training step, scores exactly
     what the tp=1 model scored on the test split (a model ignoring init_from would not)."""
     single = tmp_path / "single"
-    reference = train(compose_train_config(single, [*QUIET, *SMALL, "logger=none", "trainer.max_steps=10",
-                                                    "trainer.val_check_interval=10"]))
+    reference = train(
+        compose_train_config(
+            single, [*QUIET, *SMALL, "logger=none", "trainer.max_steps=10", "trainer.val_check_interval=10"]
+        )
+    )
     run = tmp_path / "tp2"
-    proc = ok(mha_train(run, *TP2, *SMALL, "logger=none", f"init_from={single / 'checkpoints' / 'last.ckpt'}",
-                        "+trainer.limit_train_batches=0"))
+    proc = ok(
+        mha_train(
+            run,
+            *TP2,
+            *SMALL,
+            "logger=none",
+            f"init_from={single / 'checkpoints' / 'last.ckpt'}",
+            "+trainer.limit_train_batches=0",
+        )
+    )
     assert "holds 2/4 heads [2-3]" in proc.stdout
     sharded = json.loads((run / METRICS_FILE).read_text())
     for key in ("test/loss", "test/acc", "test/exact_match"):
@@ -186,8 +208,10 @@ def _leftover_processes(marker: str) -> list[str]:
     "overrides, needles",
     [
         (["model.num_heads=3", *TP2], ["model.num_heads (3)", "tensor_parallel_size (2)"]),
-        (["parallel.data_parallel_size=2", *TP2], ["data_parallel_size (2)", "tensor_parallel_size (2)",
-                                                   "trainer.devices (2)"]),
+        (
+            ["parallel.data_parallel_size=2", *TP2],
+            ["data_parallel_size (2)", "tensor_parallel_size (2)", "trainer.devices (2)"],
+        ),
         (["model.ffn_dim=63", *TP2], ["model.ffn_dim (63)", "tensor_parallel_size (2)"]),
         (["parallel.tensor_parallel_size=8", "trainer.devices=8"], ["tensor_parallel_size (8)", "num_heads (4)"]),
     ],
@@ -225,9 +249,21 @@ def test_missing_text_file_fails_before_spawning(tmp_path):
 @pytest.mark.slow
 def test_sweep_runs_each_two_process_job_once(tmp_path):
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "mha_lightning.train", "-m", *QUIET, *TP2, "trainer.max_steps=4,6",
-           "logger=csv", "trainer.log_every_n_steps=1", "trainer.val_check_interval=2", "test=false",
-           "data.num_val=50", f"hydra.sweep.dir={sweep}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mha_lightning.train",
+        "-m",
+        *QUIET,
+        *TP2,
+        "trainer.max_steps=4,6",
+        "logger=csv",
+        "trainer.log_every_n_steps=1",
+        "trainer.val_check_interval=2",
+        "test=false",
+        "data.num_val=50",
+        f"hydra.sweep.dir={sweep}",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=560)
     ok(proc)
     assert (proc.stdout + proc.stderr).count("Launching 2 jobs locally") == 1

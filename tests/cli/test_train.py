@@ -25,8 +25,16 @@ SMALL_EVAL = ["data.num_val=100", "data.num_test=100"]
 
 
 def test_end_to_end_with_offline_wandb(make_cfg, tmp_path):
-    cfg = make_cfg(*QUIET, *SMALL_EVAL, "data=reverse", "model=tiny", "logger=wandb", "trainer.max_steps=40",
-                   "trainer.val_check_interval=20", "trainer.log_every_n_steps=5")
+    cfg = make_cfg(
+        *QUIET,
+        *SMALL_EVAL,
+        "data=reverse",
+        "model=tiny",
+        "logger=wandb",
+        "trainer.max_steps=40",
+        "trainer.val_check_interval=20",
+        "trainer.log_every_n_steps=5",
+    )
     run = Path(cfg.paths.output_dir)
     metrics = train(cfg)
 
@@ -69,9 +77,17 @@ def test_resume_mid_epoch_continues_exactly(make_cfg, tmp_path):
     rates as an uninterrupted 40-step run: weights, optimizer, scheduler, step and data position
     all come back."""
     # Dropout on: the random streams come back from the checkpoint too.
-    common = [*QUIET, "data.num_val=50", "data.num_test=50", "logger=csv", "trainer.log_every_n_steps=1",
-              "model.dropout=0.1", "model.attention_dropout=0.1",
-              "trainer.val_check_interval=20", "test=false"]
+    common = [
+        *QUIET,
+        "data.num_val=50",
+        "data.num_test=50",
+        "logger=csv",
+        "trainer.log_every_n_steps=1",
+        "model.dropout=0.1",
+        "model.attention_dropout=0.1",
+        "trainer.val_check_interval=20",
+        "test=false",
+    ]
     a, b = tmp_path / "A", tmp_path / "B"
     train(compose_train_config(a, [*common, "trainer.max_steps=40"]))
     train(compose_train_config(b, [*common, "trainer.max_steps=20"]))
@@ -104,7 +120,7 @@ def test_eval_scores_a_checkpoint(short_run, capsys, tmp_path):
     hyps = hyp_file.read_text().splitlines()
     refs = [" ".join(map(str, t)) for _, t in SyntheticDataModule(num_test=100).splits["test"]]
     assert result["n"] == len(hyps) == len(refs) == 100
-    assert result["test/exact_match"] == sum(h == r for h, r in zip(hyps, refs)) / len(refs)
+    assert result["test/exact_match"] == sum(h == r for h, r in zip(hyps, refs, strict=True)) / len(refs)
     assert result["decoding"]["strategy"] == "greedy"  # the checkpoint's own decoding settings
 
     # Translating a file: one hypothesis per input line, each made of the task's symbols.
@@ -135,8 +151,15 @@ def test_eval_bad_checkpoint_exits_2_with_one_line(kind, tmp_path, capsys):
 def test_text_end_to_end_with_bpe(make_cfg, tmp_path, capsys):
     files = write_corpus(tmp_path / "corpus")
     # A short warmup so 200 steps learn the word-for-word mapping (val BLEU ~20, chrF ~57).
-    cfg = make_cfg(*QUIET, *text_overrides(files), "logger=csv", "trainer.max_steps=200",
-                   "module.scheduler.warmup_steps=30", "trainer.val_check_interval=100", "trainer.log_every_n_steps=5")
+    cfg = make_cfg(
+        *QUIET,
+        *text_overrides(files),
+        "logger=csv",
+        "trainer.max_steps=200",
+        "module.scheduler.warmup_steps=30",
+        "trainer.val_check_interval=100",
+        "trainer.log_every_n_steps=5",
+    )
     run = Path(cfg.paths.output_dir)
     metrics = train(cfg)
 
@@ -172,8 +195,15 @@ def test_text_end_to_end_with_bpe(make_cfg, tmp_path, capsys):
 
 
 def _train_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "mha_lightning.train", *QUIET, "logger=none", *overrides,
-           f"hydra.run.dir={tmp_path / 'cli_run'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mha_lightning.train",
+        *QUIET,
+        "logger=none",
+        *overrides,
+        f"hydra.run.dir={tmp_path / 'cli_run'}",
+    ]
     return subprocess.run(cmd, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
 
 
@@ -214,8 +244,10 @@ def test_resume_in_a_new_run_dir_reuses_the_checkpoint_tokenizer_and_eval_needs_
     files["src"].write_text("völlig neue sätze hier\n" * 200, encoding="utf-8")
     files["tgt"].write_text("completely new sentences here\n" * 200, encoding="utf-8")
 
-    second = compose_train_config(tmp_path / "run2", [*QUIET, *text_overrides(files), "logger=none",
-                                                      "trainer.max_steps=12", "test=false", f"ckpt_path={ckpt}"])
+    second = compose_train_config(
+        tmp_path / "run2",
+        [*QUIET, *text_overrides(files), "logger=none", "trainer.max_steps=12", "test=false", f"ckpt_path={ckpt}"],
+    )
     train(second)
     assert (tmp_path / "run2" / "tokenizer.json").read_bytes() == original
 

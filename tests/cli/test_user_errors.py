@@ -44,13 +44,16 @@ def test_a_file_that_is_no_checkpoint_is_refused(make_cfg, tmp_path):
         train(make_cfg(*SHORT, f"ckpt_path={not_a_checkpoint}"))
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["module.decoding.strategy=bem"], "module.decoding.strategy"),
-    (["module.decoding.beam_size=0"], "module.decoding.beam_size"),
-    (["module=cosine", "trainer.max_steps=-1", "trainer.max_epochs=2"], "total_steps"),
-    (["module.optimizer.lr=-1"], "module.optimizer"),
-    (["data.max_len=200"], "data.max_len"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["module.decoding.strategy=bem"], "module.decoding.strategy"),
+        (["module.decoding.beam_size=0"], "module.decoding.beam_size"),
+        (["module=cosine", "trainer.max_steps=-1", "trainer.max_epochs=2"], "total_steps"),
+        (["module.optimizer.lr=-1"], "module.optimizer"),
+        (["data.max_len=200"], "data.max_len"),
+    ],
+)
 def test_bad_training_settings_fail_before_training(make_cfg, overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         train(make_cfg(*SHORT, *overrides))
@@ -62,14 +65,21 @@ def test_value_clipping_trains(make_cfg, tmp_path):
     got gradients clamped elementwise to [-v, v], the elements already inside untouched.
     (tests/unit/test_module.py checks the module's clipping hook on its own.)"""
     clip, steps, recorded = 0.01, 4, tmp_path / "grads.pt"
-    metrics = train(make_cfg(*SHORT, f"trainer.max_steps={steps}", "trainer.gradient_clip_algorithm=value",
-                             f"trainer.gradient_clip_val={clip}", "test=false",
-                             "+callbacks.grads._target_=helpers.gradients.GradientRecorder",
-                             f"+callbacks.grads.path={recorded}"))
+    metrics = train(
+        make_cfg(
+            *SHORT,
+            f"trainer.max_steps={steps}",
+            "trainer.gradient_clip_algorithm=value",
+            f"trainer.gradient_clip_val={clip}",
+            "test=false",
+            "+callbacks.grads._target_=helpers.gradients.GradientRecorder",
+            f"+callbacks.grads.path={recorded}",
+        )
+    )
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     grads = torch.load(recorded, weights_only=False)
     assert len(grads["before"]) == len(grads["after"]) == steps
-    for step, (before, after) in enumerate(zip(grads["before"], grads["after"])):
+    for step, (before, after) in enumerate(zip(grads["before"], grads["after"], strict=True)):
         clamped, total = assert_value_clipped(before, after, clip)
         assert 0 < clamped < total, f"step {step}: {clamped} of {total} gradient elements above {clip}"
 

@@ -27,8 +27,15 @@ from mha_lightning.model import Seq2SeqTransformer
 from mha_lightning.module import token_loss
 
 TINY = dict(
-    vocab_size=20, d_model=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, ffn_dim=64,
-    dropout=0.0, attention_dropout=0.0, max_len=32,
+    vocab_size=20,
+    d_model=32,
+    num_heads=4,
+    num_encoder_layers=2,
+    num_decoder_layers=2,
+    ffn_dim=64,
+    dropout=0.0,
+    attention_dropout=0.0,
+    max_len=32,
 )
 LABEL_SMOOTHING = 0.1
 TP_STEPS = 20
@@ -162,7 +169,7 @@ def tp_worker(mesh: DeviceMesh, steps: int, trained: dict) -> dict:
     out["losses"], out["ref_losses"] = [], []
     for step in range(steps):
         batch = make_batch(6, seed=100 + step)
-        for m, opt, losses in zip((model, reference), optimizers, (out["losses"], out["ref_losses"])):
+        for m, opt, losses in zip((model, reference), optimizers, (out["losses"], out["ref_losses"]), strict=True):
             opt.zero_grad()
             loss, _ = loss_of(m, batch)
             loss.backward()
@@ -259,7 +266,7 @@ def test_tp2_logits_match_unsharded(tp_world):
 def test_tp2_adamw_losses_match_unsharded(tp_world):
     for out in tp_world:
         assert len(out["losses"]) == TP_STEPS
-        for step, (loss, ref) in enumerate(zip(out["losses"], out["ref_losses"])):
+        for step, (loss, ref) in enumerate(zip(out["losses"], out["ref_losses"], strict=True)):
             assert loss == pytest.approx(ref, rel=1e-4), f"step {step}: tp=2 {loss} vs tp=1 {ref}"
     # The reference really trained (the comparison is not of a flat line).
     assert tp_world[0]["ref_losses"][-1] < tp_world[0]["ref_losses"][0]
@@ -332,8 +339,9 @@ def assert_same_training(run: dict, ref_grads: dict[str, Tensor], where: str) ->
             # into lr-sized moves that differ with summation order. It never changes an output.
             assert ref_grads[name].abs().max() < 1e-8, name
             continue
-        torch.testing.assert_close(run["params"][name], run["ref_params"][name], atol=1e-5, rtol=1e-5,
-                                   msg=f"{where}: {name}")
+        torch.testing.assert_close(
+            run["params"][name], run["ref_params"][name], atol=1e-5, rtol=1e-5, msg=f"{where}: {name}"
+        )
 
 
 @pytest.mark.slow

@@ -24,5 +24,12 @@ def compose_train_config(output_dir: Path, overrides: list[str] = ()) -> DictCon
 
 def text_overrides(files: dict[str, Path]) -> list[str]:
     """data=text on a corpus from ``helpers.corpus.write_corpus``."""
-    return ["data=text", f"data.train.src={files['src']}", f"data.train.tgt={files['tgt']}",
-            f"data.val.tsv={files['tsv']}", "data.vocab_size=300", "data.batch_size=32", "data.eval_batch_size=40"]
+    return [
+        "data=text",
+        f"data.train.src={files['src']}",
+        f"data.train.tgt={files['tgt']}",
+        f"data.val.tsv={files['tsv']}",
+        "data.vocab_size=300",
+        "data.batch_size=32",
+        "data.eval_batch_size=40",
+    ]

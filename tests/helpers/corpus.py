@@ -5,9 +5,26 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-WORDS = {"der": "the", "hund": "dog", "katze": "cat", "sieht": "sees", "ein": "a", "rote": "red",
-         "grosse": "big", "kleine": "small", "haus": "house", "mann": "man", "frau": "woman", "und": "and",
-         "läuft": "runs", "schläft": "sleeps", "im": "in the", "garten": "garden", "blaue": "blue", "auto": "car"}
+WORDS = {
+    "der": "the",
+    "hund": "dog",
+    "katze": "cat",
+    "sieht": "sees",
+    "ein": "a",
+    "rote": "red",
+    "grosse": "big",
+    "kleine": "small",
+    "haus": "house",
+    "mann": "man",
+    "frau": "woman",
+    "und": "and",
+    "läuft": "runs",
+    "schläft": "sleeps",
+    "im": "in the",
+    "garten": "garden",
+    "blaue": "blue",
+    "auto": "car",
+}
 
 
 def write_corpus(folder: Path, n_train: int = 200, n_val: int = 40) -> dict[str, Path]:

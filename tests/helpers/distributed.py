@@ -21,8 +21,9 @@ import contextlib
 import os
 import socket
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -65,7 +66,10 @@ def _worker(
 ) -> None:
     world_size = mesh_shape[0] * mesh_shape[1]
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size),
     )
     # Two cores, up to four ranks: one intra-op thread each, or they fight over the cores.

@@ -10,8 +10,15 @@ from pathlib import Path
 def cli_env(tmp_path: Path) -> dict[str, str]:
     """Environment for running `mha-train` etc. as real subprocesses."""
     env = dict(os.environ)
-    env.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true", "MHA_LOG_DIR": str(tmp_path / "logs"),
-                "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    env.update(
+        {
+            "WANDB_MODE": "offline",
+            "WANDB_SILENT": "true",
+            "MHA_LOG_DIR": str(tmp_path / "logs"),
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1",
+        }
+    )
     return env
 
 

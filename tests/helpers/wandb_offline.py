@@ -81,9 +81,7 @@ def read_records(path: str | Path) -> Iterator[Record]:
     if ident != _FILE_IDENT or magic != _FILE_MAGIC:
         raise DataError(f"{path} is not a wandb run file (bad header {head!r})")
     if version != _FILE_VERSION:
-        raise DataError(
-            f"{path} uses wandb run file version {version}; only {_FILE_VERSION} is supported"
-        )
+        raise DataError(f"{path} uses wandb run file version {version}; only {_FILE_VERSION} is supported")
     return _iter_records(path)
 
 

@@ -92,9 +92,9 @@ def test_two_replicas_see_the_dp1_global_batches(lengths, drop_last, epoch):
     ref_batches = list(ref)
     r0, r1 = (list(s) for s in ranks)
     assert len(r0) == len(r1) == len(ref_batches) == len(ranks[0]) == len(ranks[1])
-    assert all(len(a) == len(b) for a, b in zip(r0, r1))  # equal slices: collectives stay in lockstep
+    assert all(len(a) == len(b) for a, b in zip(r0, r1, strict=True))  # equal slices: collectives stay in lockstep
     short = 0
-    for a, b, g in zip(r0, r1, ref_batches):
+    for a, b, g in zip(r0, r1, ref_batches, strict=True):
         if len(g) == 24:
             assert len(a) == 12 and a + b == g
         else:  # the one short global batch, topped up by at most num_replicas - 1 repeats
@@ -109,8 +109,10 @@ def test_replicas_get_equal_batch_counts_for_awkward_sizes():
     for n in (1, 5, 37, 100):
         lengths = list(range(1, n + 1))
         for drop_last in (False, True):
-            counts = [len(list(BucketBatchSampler(lengths, batch_size=8, num_replicas=3, rank=r, drop_last=drop_last)))
-                      for r in range(3)]
+            counts = [
+                len(list(BucketBatchSampler(lengths, batch_size=8, num_replicas=3, rank=r, drop_last=drop_last)))
+                for r in range(3)
+            ]
             assert len(set(counts)) == 1, (n, drop_last, counts)
             assert counts[0] >= 1  # an eval split smaller than one global batch is still evaluated
 
@@ -150,7 +152,7 @@ def test_loader_resume_mid_epoch_with_two_replicas(lengths):
         second.load_state_dict(state)
         rest = [b["src"] for b in second]
         assert len(rest) == len(full) - 7
-        assert all(torch.equal(a, b) for a, b in zip(rest, full[7:]))
+        assert all(torch.equal(a, b) for a, b in zip(rest, full[7:], strict=True))
         # Saved again right after the resume, before any step: still 7 consumed.
         third = loader(rank)
         third.load_state_dict(state)
@@ -167,8 +169,9 @@ def test_collate_places_bos_eos_and_pad():
     assert out["tgt_in"].tolist() == [[BOS_ID, 8, 9, PAD_ID, PAD_ID], [BOS_ID, 11, 12, 13, 14]]
     assert out["tgt_out"].tolist() == [[8, 9, EOS_ID, PAD_ID, PAD_ID], [11, 12, 13, 14, EOS_ID]]
     # Teacher forcing: tgt_out is tgt_in shifted left by one.
-    assert torch.equal(out["tgt_in"][:, 1:][out["tgt_out"][:, :-1] != EOS_ID],
-                       out["tgt_out"][:, :-1][out["tgt_out"][:, :-1] != EOS_ID])
+    assert torch.equal(
+        out["tgt_in"][:, 1:][out["tgt_out"][:, :-1] != EOS_ID], out["tgt_out"][:, :-1][out["tgt_out"][:, :-1] != EOS_ID]
+    )
 
 
 # ----------------------------------------------------------------------------- synthetic tasks
@@ -231,12 +234,17 @@ def test_invalid_synthetic_settings_raise_config_error(kwargs, key):
 def test_synthetic_datamodule_splits_and_loaders():
     from mha_lightning.data import SyntheticDataModule
 
-    dm = SyntheticDataModule(task="sort", vocab_size=16, num_train=64, num_val=20, num_test=10, batch_size=8,
-                             eval_batch_size=16, seed=4)
+    dm = SyntheticDataModule(
+        task="sort", vocab_size=16, num_train=64, num_val=20, num_test=10, batch_size=8, eval_batch_size=16, seed=4
+    )
     assert [len(dm.splits[s]) for s in ("train", "val", "test")] == [64, 20, 10]
     assert dm.splits["train"] != dm.splits["val"]  # different seeds per split
-    assert dm.splits == SyntheticDataModule(task="sort", vocab_size=16, num_train=64, num_val=20, num_test=10,
-                                            batch_size=8, eval_batch_size=16, seed=4).splits
+    assert (
+        dm.splits
+        == SyntheticDataModule(
+            task="sort", vocab_size=16, num_train=64, num_val=20, num_test=10, batch_size=8, eval_batch_size=16, seed=4
+        ).splits
+    )
     train = list(dm.train_dataloader())
     assert len(train) == 8 and all(b["src"].shape[0] == 8 for b in train)
     val = list(dm.val_dataloader())

@@ -19,17 +19,23 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from helpers.config import CONF_DIR, compose_train_config, text_overrides
 from helpers.corpus import write_corpus as write_word_corpus
+from mha_lightning.config import preflight
 from mha_lightning.data import SyntheticDataModule, TextDataModule
 from mha_lightning.errors import DataError
 from mha_lightning.loggers import wandb_mode
 from mha_lightning.model import Seq2SeqTransformer
 from mha_lightning.module import Seq2SeqModule
-from mha_lightning.config import preflight
 from mha_lightning.train import build_callbacks, build_loggers
 
 # The tiny model, smaller still: configs are what is under test here, not the model.
-TINY = ("model.d_model=32", "model.num_heads=4", "model.ffn_dim=64", "data.num_train=64", "data.num_val=16",
-        "data.num_test=16")
+TINY = (
+    "model.d_model=32",
+    "model.num_heads=4",
+    "model.ffn_dim=64",
+    "data.num_train=64",
+    "data.num_val=16",
+    "data.num_test=16",
+)
 
 
 def options(group: str) -> list[str]:
@@ -64,8 +70,20 @@ def forward_one_batch(datamodule, model) -> None:
 # ----------------------------------------------------------------------------- every group
 def test_groups_are_discovered():
     # A new config group needs a test here (and in the list below).
-    tested = {"model", "data", "module", "trainer", "logger", "callbacks", "monitor", "paths", "hydra", "experiment",
-              "debug", "hparams_search"}
+    tested = {
+        "model",
+        "data",
+        "module",
+        "trainer",
+        "logger",
+        "callbacks",
+        "monitor",
+        "paths",
+        "hydra",
+        "experiment",
+        "debug",
+        "hparams_search",
+    }
     assert {p.name for p in CONF_DIR.iterdir() if p.is_dir() and not p.name.startswith("_")} == tested
     assert {"tiny", "small", "base"} <= set(options("model"))
     assert {"copy", "reverse", "sort", "pairswap", "synthetic", "text"} <= set(options("data"))
@@ -104,16 +122,26 @@ def write_corpus(folder: Path) -> dict[str, Path]:
     files["src"].write_text("\n".join(de) + "\n", encoding="utf-8")
     files["tgt"].write_text("\n".join(en) + "\n", encoding="utf-8")
     long = " ".join(en[:4] * 6)  # a validation target longer than data.max_len and the model's reach
-    files["tsv"].write_text("".join(f"{d}\t{e}\n" for d, e in [*zip(de[:4], en[:4]), (de[0], long)]),
-                            encoding="utf-8")
+    files["tsv"].write_text(
+        "".join(f"{d}\t{e}\n" for d, e in [*zip(de[:4], en[:4], strict=True), (de[0], long)]), encoding="utf-8"
+    )
     return files
 
 
 def test_text_data_config_with_real_files(make_cfg, tmp_path):
     files = write_corpus(tmp_path / "corpus")
-    cfg = make_cfg("data=text", "logger=none", "data.vocab_size=300", "data.batch_size=4", "data.max_len=24",
-                   "model.max_len=32", *TINY[:3],
-                   f"data.train.src={files['src']}", f"data.train.tgt={files['tgt']}", f"data.val.tsv={files['tsv']}")
+    cfg = make_cfg(
+        "data=text",
+        "logger=none",
+        "data.vocab_size=300",
+        "data.batch_size=4",
+        "data.max_len=24",
+        "model.max_len=32",
+        *TINY[:3],
+        f"data.train.src={files['src']}",
+        f"data.train.tgt={files['tgt']}",
+        f"data.val.tsv={files['tsv']}",
+    )
     assert cfg.model.vocab_size == 300
     dm, model, *_ = instantiate_run(cfg)
     assert isinstance(dm, TextDataModule) and dm.is_text
@@ -263,8 +291,11 @@ def test_hparams_search_configs_build_every_job(tmp_path, name):
     axes = []
     for key, values in params.items():
         override = parser.parse_override(f"{key}={values}")
-        axes.append([f"{key}={v}" for v in override.sweep_string_iterator()] if override.is_sweep_override()
-                    else [f"{key}={values}"])
+        axes.append(
+            [f"{key}={v}" for v in override.sweep_string_iterator()]
+            if override.is_sweep_override()
+            else [f"{key}={values}"]
+        )
     jobs = list(itertools.product(*axes))
     assert len(jobs) > 1
     for job in jobs:

@@ -93,7 +93,7 @@ def test_read_aligned_files(tmp_path):
     src = write(tmp_path / "train.de", "\n".join(DE[:3]) + "\n")
     tgt = write(tmp_path / "train.en", "  " + "\r\n".join(EN[:3]) + "\r\n")
     pairs = read_parallel_text(src=src, tgt=str(tgt))
-    assert pairs == list(zip(DE[:3], EN[:3]))
+    assert pairs == list(zip(DE[:3], EN[:3], strict=True))
 
 
 def test_read_aligned_without_trailing_newline_and_bom(tmp_path):
@@ -103,9 +103,9 @@ def test_read_aligned_without_trailing_newline_and_bom(tmp_path):
 
 
 def test_read_tsv(tmp_path):
-    tsv = write(tmp_path / "train.tsv", "".join(f" {d}\t{e} \r\n" for d, e in zip(DE, EN)))
+    tsv = write(tmp_path / "train.tsv", "".join(f" {d}\t{e} \r\n" for d, e in zip(DE, EN, strict=True)))
     pairs = read_parallel_text(tsv=tsv)
-    assert pairs == list(zip(DE, EN))
+    assert pairs == list(zip(DE, EN, strict=True))
 
 
 def test_unicode_line_separator_does_not_split_lines(tmp_path):
@@ -162,7 +162,7 @@ def test_tsv_wrong_number_of_tabs(tmp_path, bad_line, n_tabs):
 
 
 def test_non_utf8(tmp_path):
-    src = write(tmp_path / "latin1.de", "gut\n".encode() + "Straße\n".encode("latin-1"))
+    src = write(tmp_path / "latin1.de", b"gut\n" + "Straße\n".encode("latin-1"))
     tgt = write(tmp_path / "ok.en", "good\nstreet\n")
     with pytest.raises(DataError) as err:
         read_parallel_text(src, tgt)

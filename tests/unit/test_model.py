@@ -12,8 +12,17 @@ from mha_lightning.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from mha_lightning.errors import ConfigError
 from mha_lightning.model import ProbingCore, SDPACore, Seq2SeqTransformer
 
-TINY = dict(vocab_size=20, d_model=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, ffn_dim=64,
-            dropout=0.0, attention_dropout=0.0, max_len=32)
+TINY = dict(
+    vocab_size=20,
+    d_model=32,
+    num_heads=4,
+    num_encoder_layers=2,
+    num_decoder_layers=2,
+    ffn_dim=64,
+    dropout=0.0,
+    attention_dropout=0.0,
+    max_len=32,
+)
 
 
 def tiny(seed: int = 0, **overrides) -> Seq2SeqTransformer:
@@ -131,11 +140,11 @@ def test_decoder_is_causal(norm_first):
     tgt = torch.tensor([[BOS_ID, 9, 10, 11, 12, 13]])
     changed = tgt.clone()
     t = 3
-    changed[0, t + 1:] = torch.tensor([17, 4])
+    changed[0, t + 1 :] = torch.tensor([17, 4])
     with torch.no_grad():
         a, b = model(src, tgt), model(src, changed)
     assert_close(a[0, : t + 1], b[0, : t + 1], atol=1e-5, rtol=0)
-    assert (a[0, t + 1:] - b[0, t + 1:]).abs().max() > 1e-3  # later positions do see the change
+    assert (a[0, t + 1 :] - b[0, t + 1 :]).abs().max() > 1e-3  # later positions do see the change
 
 
 # ----------------------------------------------------------------------------- head_dim
@@ -214,7 +223,7 @@ def test_beam_output_shapes_and_content(reverser):
     assert out.dtype == torch.long and out.shape[0] == 3 and 6 <= out.shape[1] <= 20
     ref = batch["tgt_out"]
     assert torch.equal(out[:, : ref.shape[1]], ref)
-    assert (out[:, ref.shape[1]:] == PAD_ID).all()
+    assert (out[:, ref.shape[1] :] == PAD_ID).all()
     # Untrained model: at most max_len tokens per row, ids within the vocabulary.
     untrained = tiny(seed=1)
     src = collate(PAIRS)["src"]
@@ -273,7 +282,7 @@ def test_token_embedding_init_scale_and_pad_row():
         w = emb.weight.detach()
         assert emb.padding_idx == PAD_ID
         assert (w[PAD_ID] == 0).all()
-        std = w[PAD_ID + 1:].std().item()
+        std = w[PAD_ID + 1 :].std().item()
         # N(0, 1/d_model): 1999 * 32 samples, the estimate is within ~1% of 32**-0.5 = 0.177.
         assert abs(std - 32**-0.5) < 0.05 * 32**-0.5, std
     assert model.src_embed.tokens is not model.tgt_embed.tokens

@@ -10,8 +10,14 @@ from mha_lightning.module import Seq2SeqModule, token_loss
 
 
 def test_value_clipping_clamps_every_gradient_element(make_cfg):
-    cfg = make_cfg("logger=none", "data.num_train=256", "data.num_val=16", "data.num_test=16",
-                   "trainer.gradient_clip_algorithm=value", "trainer.gradient_clip_val=0.001")
+    cfg = make_cfg(
+        "logger=none",
+        "data.num_train=256",
+        "data.num_val=16",
+        "data.num_test=16",
+        "trainer.gradient_clip_algorithm=value",
+        "trainer.gradient_clip_val=0.001",
+    )
     L.seed_everything(cfg.seed)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module, model=instantiate(cfg.model), _convert_="partial")
@@ -26,8 +32,9 @@ def test_value_clipping_clamps_every_gradient_element(make_cfg):
     assert before.keys() == {name for name, _ in module.named_parameters()}  # every parameter has a gradient
 
     clip = cfg.trainer.gradient_clip_val
-    module.configure_gradient_clipping(optimizer, gradient_clip_val=clip,
-                                       gradient_clip_algorithm=cfg.trainer.gradient_clip_algorithm)
+    module.configure_gradient_clipping(
+        optimizer, gradient_clip_val=clip, gradient_clip_algorithm=cfg.trainer.gradient_clip_algorithm
+    )
     clamped, total = assert_value_clipped(before, grads(module), clip)
     # Both cases occur, so the test can fail either way: elements above v (clamped) and inside (kept).
     assert 0 < clamped < total, (clamped, total)

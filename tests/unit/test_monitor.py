@@ -15,8 +15,16 @@ PAD = 0
 
 def tiny_model(**kw) -> Seq2SeqTransformer:
     torch.manual_seed(0)
-    cfg = dict(vocab_size=20, d_model=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, ffn_dim=64,
-               dropout=0.0, max_len=64)
+    cfg = dict(
+        vocab_size=20,
+        d_model=32,
+        num_heads=4,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        ffn_dim=64,
+        dropout=0.0,
+        max_len=64,
+    )
     cfg.update(kw)
     return Seq2SeqTransformer(**cfg).eval()
 
@@ -32,8 +40,9 @@ def naive_head_entropy(probs, query_valid, mask):
                 continue
             keys = [j for j in range(Tk) if mask[b, i, j]]
             for h in range(H):
-                value = -sum(float(probs[b, h, i, j]) * math.log(float(probs[b, h, i, j]))
-                             for j in keys if probs[b, h, i, j] > 0)
+                value = -sum(
+                    float(probs[b, h, i, j]) * math.log(float(probs[b, h, i, j])) for j in keys if probs[b, h, i, j] > 0
+                )
                 ent[h].append(value)
                 if len(keys) > 1:
                     norm[h].append(value / math.log(len(keys)))
@@ -46,8 +55,10 @@ def measure(model, src, tgt_in):
     accs = {kind: [HeadEntropyAccumulator(model.config.num_heads) for _ in mods] for kind, mods in layers.items()}
     with torch.no_grad(), model.attention_core(lambda kind, layer: ProbingCore(accs[kind][layer])):
         model(src, tgt_in)
-    return {kind: tuple(t.numpy() for t in finalize(global_head_state(a, model.config.num_heads, 0)))
-            for kind, a in accs.items()}, accs
+    return {
+        kind: tuple(t.numpy() for t in finalize(global_head_state(a, model.config.num_heads, 0)))
+        for kind, a in accs.items()
+    }, accs
 
 
 def padded_batch():
@@ -69,7 +80,7 @@ def test_zero_query_key_weights_give_log_n_valid_for_every_head():
     tgt_len = (tgt != PAD).sum(1)
     # Uniform attention over n valid keys has entropy log(n).
     expected_enc = (src_len * src_len.log()).sum() / src_len.sum()  # every source query sees all its keys
-    expected_cross = sum(int(t) * math.log(float(s)) for t, s in zip(tgt_len, src_len)) / tgt_len.sum()
+    expected_cross = sum(int(t) * math.log(float(s)) for t, s in zip(tgt_len, src_len, strict=True)) / tgt_len.sum()
     # Causal rows: query i sees i + 1 keys.
     causal = [math.log(i + 1) for t in tgt_len for i in range(int(t))]
     expected_dec = sum(causal) / len(causal)
@@ -105,6 +116,7 @@ def test_random_model_matches_naive_reference_per_head():
     def capture(kind, layer):
         def observer(probs, mask):
             captured[kind, layer] = (probs.clone(), mask.queries.clone(), mask.keys.clone())
+
         return ProbingCore(observer)
 
     with torch.no_grad(), model.attention_core(capture):
@@ -152,7 +164,10 @@ def test_causal_rows_use_i_plus_one_keys():
 
 def test_global_state_places_local_heads_at_their_global_index():
     acc = HeadEntropyAccumulator(2)
-    acc(torch.full((1, 2, 1, 2), 0.5), AttentionMask(torch.ones(1, 1, 2, dtype=torch.bool), torch.ones(1, 1, dtype=torch.bool)))
+    acc(
+        torch.full((1, 2, 1, 2), 0.5),
+        AttentionMask(torch.ones(1, 1, 2, dtype=torch.bool), torch.ones(1, 1, dtype=torch.bool)),
+    )
     placed = global_head_state([acc], num_heads=4, tp_rank=1)
     assert torch.all(placed[0, :, :2] == 0)
     torch.testing.assert_close(placed[0, :, 2:], acc.state)

@@ -139,8 +139,14 @@ def test_entropy_matrix_missing_cells_are_nan_and_records_accepted() -> None:
     ("content", "needles"),
     [
         ("step,split,kind,layer,head,entropy\n1,train,cross,0,0,1.0,\n", ["entropy_norm", "line 1"]),
-        ("step,split,kind,layer,head,entropy,entropy_norm\n1,train,cross,0,0,abc,0.5\n", ["line 2", "'abc'", "entropy"]),
-        ("step,split,kind,layer,head,entropy,entropy_norm\n1,train,cross,x,0,1.0,0.5\n", ["line 2", "layer", "integer"]),
+        (
+            "step,split,kind,layer,head,entropy,entropy_norm\n1,train,cross,0,0,abc,0.5\n",
+            ["line 2", "'abc'", "entropy"],
+        ),
+        (
+            "step,split,kind,layer,head,entropy,entropy_norm\n1,train,cross,x,0,1.0,0.5\n",
+            ["line 2", "layer", "integer"],
+        ),
         ("step,split,kind,layer,head,entropy,entropy_norm\n1,train,cross,0,-1,1.0,0.5\n", ["line 2", "head -1"]),
         ("step,split,kind,layer,head,entropy,entropy_norm\n", ["no data rows"]),
         ("", ["is empty"]),

@@ -32,7 +32,9 @@ def test_every_schema_default_is_its_default_yaml(make_cfg):
 def test_the_monitor_takes_its_settings_from_the_config_group_alone(make_cfg):
     from mha_lightning.monitor.callback import EntropyMonitor
 
-    config = MonitorConfig.from_dict(OmegaConf.to_container(make_cfg("monitor.every_n_steps=7", "monitor.probe=false").monitor))
+    config = MonitorConfig.from_dict(
+        OmegaConf.to_container(make_cfg("monitor.every_n_steps=7", "monitor.probe=false").monitor)
+    )
     monitor = EntropyMonitor(config)
     assert (monitor.every_n_steps, monitor.probe) == (7, False)
 

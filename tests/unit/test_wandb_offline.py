@@ -111,7 +111,7 @@ def test_history_values_and_steps(run_file: Path) -> None:
     def user(row: dict) -> dict:
         return {k: v for k, v in row.items() if not k.startswith("_")}
 
-    for row, step in zip(rows, SMALL_STEPS):
+    for row, step in zip(rows, SMALL_STEPS, strict=False):
         assert user(row) == {"train/loss": 1.0 / (step + 1), "train/acc": step / 40}
     big = rows[len(SMALL_STEPS) : len(SMALL_STEPS) + BIG_ROWS]
     for i, row in enumerate(big):
