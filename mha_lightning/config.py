@@ -237,8 +237,9 @@ def preflight(cfg: Any) -> RunPlan:
     trainer = c.get("trainer") or {}
     _check_trainer(trainer)
     dp, tp = ParallelConfig.from_dict(c.get("parallel")).sizes(trainer.get("devices", 1), trainer.get("num_nodes", 1))
-    validate_parallel_config(model.get("num_heads"), model.get("ffn_dim"), dp, tp, trainer.get("devices", 1),
-                             trainer.get("num_nodes", 1))
+    validate_parallel_config(
+        model.get("num_heads"), model.get("ffn_dim"), dp, tp, trainer.get("devices", 1), trainer.get("num_nodes", 1)
+    )
     model = asdict(TransformerConfig(**model))  # the model's own checks, named model.<key>; head_dim resolved
     _check_lengths(c.get("data") or {}, model)
     module = c.get("module") or {}

@@ -134,7 +134,10 @@ def test_collapse_warning_names_the_head(make_cfg, tmp_path, caplog):
     warnings = [r.getMessage() for r in caplog.records if "entropy collapse" in r.getMessage()]
     warned = [tuple(m.groups()) for m in (re.search(r"collapse: (\w+) layer (\d+) head (\d+)", w) for w in warnings)]
     table = load_entropy_csv(record_path(Path(cfg.paths.output_dir)))
-    below = {(k, str(la), str(h)) for k, la, h, v in zip(table.kind, table.layer, table.head, table.entropy_norm,
-                                                         strict=True) if v < 1.0}
+    below = {
+        (k, str(la), str(h))
+        for k, la, h, v in zip(table.kind, table.layer, table.head, table.entropy_norm, strict=True)
+        if v < 1.0
+    }
     assert sorted(warned) == sorted(below)  # each head once, exactly those under the threshold
     assert len(below) >= len(KINDS) * LAYERS * HEADS - 2
