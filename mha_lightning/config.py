@@ -96,6 +96,12 @@ class ParallelConfig:
 
     tensor_parallel_size: int = 1
     data_parallel_size: int | str = "auto"  # "auto": devices x num_nodes / tensor_parallel_size
+    timeout_minutes: float = 10.0  # a collective waiting longer (a hung rank) ends the job
+
+    def __post_init__(self) -> None:
+        minutes = self.timeout_minutes
+        if not isinstance(minutes, (int, float)) or isinstance(minutes, bool) or minutes <= 0:
+            raise ConfigError(f"parallel.timeout_minutes must be a positive number, got {minutes!r}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> ParallelConfig:
@@ -149,6 +155,7 @@ class RunPlan:
 
     data_parallel_size: int
     tensor_parallel_size: int
+    parallel: ParallelConfig
     decoding: DecodingConfig
     monitor: MonitorConfig
     resume: Any | None = None  # CheckpointInfo of ckpt_path
@@ -173,6 +180,22 @@ def _check_trainer(trainer: Mapping[str, Any]) -> None:
     max_steps = trainer.get("max_steps", -1)
     if not isinstance(max_steps, int) or isinstance(max_steps, bool) or (max_steps < 1 and max_steps != -1):
         raise ConfigError(f"trainer.max_steps must be a positive integer (or -1: train by epochs), got {max_steps!r}")
+    precision, accelerator = str(trainer.get("precision", "32-true")), str(trainer.get("accelerator", "auto"))
+    if precision.startswith("bf16") and _runs_on_cpu(accelerator):
+        raise ConfigError(
+            f"trainer.precision={precision} on a CPU is several times slower than fp32 (bf16 matrix products are "
+            "emulated there); use trainer.precision=32-true on CPU, or trainer=gpu on a GPU machine"
+        )
+
+
+def _runs_on_cpu(accelerator: str) -> bool:
+    if accelerator == "cpu":
+        return True
+    if accelerator == "auto":
+        import torch
+
+        return not torch.cuda.is_available()
+    return False
 
 
 def _check_optimisation(module: Mapping[str, Any]) -> None:
@@ -236,13 +259,18 @@ def preflight(cfg: Any) -> RunPlan:
     model = model_kwargs(c["model"])
     trainer = c.get("trainer") or {}
     _check_trainer(trainer)
-    dp, tp = ParallelConfig.from_dict(c.get("parallel")).sizes(trainer.get("devices", 1), trainer.get("num_nodes", 1))
+    parallel = ParallelConfig.from_dict(c.get("parallel"))
+    dp, tp = parallel.sizes(trainer.get("devices", 1), trainer.get("num_nodes", 1))
     validate_parallel_config(
         model.get("num_heads"), model.get("ffn_dim"), dp, tp, trainer.get("devices", 1), trainer.get("num_nodes", 1)
     )
     model = asdict(TransformerConfig(**model))  # the model's own checks, named model.<key>; head_dim resolved
     _check_lengths(c.get("data") or {}, model)
     module = c.get("module") or {}
+    from mha_lightning.module import NONFINITE_POLICIES
+
+    if module.get("on_nonfinite", "stop") not in NONFINITE_POLICIES:
+        raise ConfigError(f"module.on_nonfinite={module['on_nonfinite']!r} must be one of {list(NONFINITE_POLICIES)}")
     decoding = DecodingConfig.from_dict(module.get("decoding"))
     monitor = MonitorConfig.from_dict(c.get("monitor"))
     resume = _checkpoint("ckpt_path", c.get("ckpt_path"), model)
@@ -250,4 +278,4 @@ def preflight(cfg: Any) -> RunPlan:
         _check_resume_layout(resume, dp, tp)
     init = _checkpoint("init_from", c.get("init_from"), model)
     _check_optimisation(cfg.module)
-    return RunPlan(dp, tp, decoding, monitor, resume, init)
+    return RunPlan(dp, tp, parallel, decoding, monitor, resume, init)

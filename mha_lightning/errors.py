@@ -33,10 +33,16 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, unreadable or does not match the model."""
 
 
+class NonFiniteError(UserError):
+    """Training produced a non-finite loss or gradient norm and stopped (``module.on_nonfinite=stop``)."""
+
+    exit_code = 3
+
+
 def report(error: UserError) -> int:
-    """Print ``error`` as one line on stderr; return the exit code for it."""
+    """Print ``error`` as one line on stderr; return the exit code for it (2, or the error's own)."""
     print(f"error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
-    return USER_ERROR_EXIT
+    return getattr(error, "exit_code", USER_ERROR_EXIT)
 
 
 def exit_on_user_error(main: F) -> F:

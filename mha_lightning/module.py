@@ -18,10 +18,14 @@ from typing_extensions import override
 from mha_lightning import parallel, seeding
 from mha_lightning.config import DecodingConfig
 from mha_lightning.data.vocab import BOS_ID, EOS_ID, PAD_ID
-from mha_lightning.errors import ConfigError
+from mha_lightning.errors import ConfigError, NonFiniteError
 from mha_lightning.model import Seq2SeqTransformer
 
 log = logging.getLogger(__name__)
+
+
+# What a non-finite training loss or gradient norm does: stop the run (default), or skip the step.
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 class Seq2SeqModule(L.LightningModule):
@@ -37,6 +41,7 @@ class Seq2SeqModule(L.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         label_smoothing: float = 0.1,
         decoding: DecodingConfig | dict | None = None,
+        on_nonfinite: str = "stop",
     ) -> None:
         super().__init__()
         self.model = model
@@ -44,6 +49,10 @@ class Seq2SeqModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.label_smoothing = label_smoothing
         self.decoding = DecodingConfig.from_dict(decoding)
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(f"module.on_nonfinite={on_nonfinite!r} must be one of {list(NONFINITE_POLICIES)}")
+        self.on_nonfinite = on_nonfinite
+        self.skipped_steps = 0  # steps dropped for a non-finite loss or gradient (on_nonfinite=skip)
         self._shard_rng: seeding.ShardedDropoutRNG | None = None
         self._resumed_rng: list | None = None
         self.last_saved_step = -1  # the global step of the newest checkpoint this run wrote
@@ -164,16 +173,31 @@ class Seq2SeqModule(L.LightningModule):
         """-> the label-smoothed loss; logs its global per-token mean, accuracy and lr; counts the batch for resume."""
         logits = self(batch["src"], batch["tgt_in"])
         loss, mean_loss = self._loss(logits, batch["tgt_out"])
+        loader = self.trainer.train_dataloader
+        if hasattr(loader, "mark_step"):
+            loader.mark_step()
+        # One host sync per step. Every rank holds the same global mean (all-reduced over dp,
+        # replicated over tp), so all agree on stopping or skipping and no collective is left waiting.
+        if not bool(torch.isfinite(mean_loss)):
+            return self._nonfinite("loss", float(mean_loss))
         metrics = self.metrics["train_"]
         metrics["acc"](logits.detach().argmax(-1), batch["tgt_out"])
         bsz = batch["src"].shape[0]
         self.log("train/loss", mean_loss, prog_bar=True, batch_size=bsz)
         self.log("train/acc", metrics["acc"], prog_bar=True, batch_size=bsz)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bsz)
-        loader = self.trainer.train_dataloader
-        if hasattr(loader, "mark_step"):
-            loader.mark_step()
         return loss
+
+    def _nonfinite(self, what: str, value: float) -> None:
+        """Stop (raise), or skip this step's update and count it (``module.on_nonfinite``)."""
+        if self.on_nonfinite == "stop":
+            raise NonFiniteError(
+                f"the training {what} is {value} at step {self.global_step}; stopped before saving it "
+                "(lower module.optimizer.lr, keep trainer.gradient_clip_val, or set module.on_nonfinite=skip)"
+            )
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
+        return None  # Lightning skips the backward pass and the update of a step that returns None
 
     def _eval_step(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
         logits = self(batch["src"], batch["tgt_in"])
@@ -245,6 +269,14 @@ class Seq2SeqModule(L.LightningModule):
         # Parameters live on different meshes under TP x FSDP: clip with a per-mesh norm.
         norm = parallel.clip_grad_norm(self.parameters(), float(gradient_clip_val))
         self.log("train/grad_norm", norm, batch_size=1)
+
+    @override
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """A finite loss can still give non-finite gradients: stop or skip before they reach the weights."""
+        norm = parallel.total_grad_norm(self.parameters())  # global over every mesh: all ranks agree
+        if not bool(torch.isfinite(norm)):
+            self._nonfinite("gradient norm", float(norm))
+            self.zero_grad(set_to_none=True)  # skip: the optimizer leaves parameters without gradients alone
 
     @override
     def configure_optimizers(self):

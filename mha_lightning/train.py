@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mha_lightning.config import MonitorConfig, RunPlan, instantiate, preflight
-from mha_lightning.errors import UserError, report
+from mha_lightning.errors import NonFiniteError, UserError, report
 
 log = logging.getLogger(__name__)
 CONFIG_PATH = "pkg://mha_lightning.conf"
@@ -36,13 +37,21 @@ def reuse_tokenizer(cfg: DictConfig, plan: RunPlan) -> None:
         log.info("reusing the tokenizer of %s: %s", source.path, previous)
 
 
-def build_strategy(dp: int, tp: int) -> Any:
+def build_strategy(plan: RunPlan) -> Any:
     """Lightning's "auto" on one device, else a ModelParallelStrategy over the (dp, tp) mesh, checkpoints sharded."""
-    if dp * tp == 1:
+    if plan.world_size == 1:
         return "auto"
+    from datetime import timedelta
+
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    return ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp, save_distributed_checkpoint=True)
+    return ModelParallelStrategy(
+        data_parallel_size=plan.data_parallel_size,
+        tensor_parallel_size=plan.tensor_parallel_size,
+        save_distributed_checkpoint=True,
+        # torch's default is 30 minutes: a hung rank would stall every other one that long.
+        timeout=timedelta(minutes=plan.parallel.timeout_minutes),
+    )
 
 
 def build_callbacks(cfg: DictConfig, monitor: MonitorConfig) -> list:
@@ -111,12 +120,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = build_loggers(cfg)
     trainer = instantiate(
         cfg.trainer,
-        strategy=build_strategy(plan.data_parallel_size, plan.tensor_parallel_size),
+        strategy=build_strategy(plan),
         callbacks=build_callbacks(cfg, plan.monitor),
         logger=loggers or False,
     )
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        except NonFiniteError as e:
+            ckpt = trainer.checkpoint_callback
+            last = (ckpt.last_model_path or ckpt.best_model_path) if ckpt is not None else ""
+            raise NonFiniteError(f"{e}; last good checkpoint: {last or 'none saved yet'}") from None
         save_final_checkpoint(trainer, module)
         metrics = _floats(trainer.callback_metrics)
         if cfg.get("test") and not trainer.fast_dev_run:
@@ -145,7 +159,9 @@ def _finish_wandb(loggers: list) -> None:
 
 def _report(cfg: DictConfig, trainer, loggers: list, metrics: dict[str, float]) -> None:
     out = Path(cfg.paths.output_dir)
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    # Strict JSON: a non-finite value is written as null, never as a bare NaN.
+    finite = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
+    (out / METRICS_FILE).write_text(json.dumps(finite, indent=2, sort_keys=True, allow_nan=False))
     lines = [f"run directory: {out}"]
     ckpt = trainer.checkpoint_callback
     if ckpt is not None and ckpt.best_model_path:

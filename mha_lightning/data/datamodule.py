@@ -225,6 +225,16 @@ class TextDataModule(Seq2SeqDataModule):
             if split == "train":
                 encoded, _ = filter_by_length(encoded, self.min_len, self.max_len)
             else:
+                cut = sum(len(s) > self.max_len or len(t) > self.max_len for s, t in encoded)
+                if cut:
+                    log.warning(
+                        "%d of %d %s pairs are longer than data.max_len (%d tokens) and are scored truncated; "
+                        "raise data.max_len (and model.max_len) to score them whole",
+                        cut,
+                        len(encoded),
+                        split,
+                        self.max_len,
+                    )
                 encoded = [(s[: self.max_len], t[: self.max_len]) for s, t in encoded]
             self.splits[split] = encoded
         if self.files["test"] is None:

@@ -367,3 +367,30 @@ def test_readme_text_command_composes_with_test_files(make_cfg, tmp_path):
     dm.setup("fit")
     assert [len(dm.splits[s]) for s in ("val", "test")] == [40, len(test_pairs)]
     assert [dm.tokenizer.decode(t) for _, t in dm.splits["test"]] == [t for _, t in test_pairs]
+
+
+def test_over_long_evaluation_pairs_are_counted_in_a_warning(make_cfg, tmp_path, caplog):
+    files = write_word_corpus(tmp_path / "corpus")
+    cfg = make_cfg(
+        "data=text",
+        "logger=none",
+        "data.vocab_size=300",
+        "data.max_len=3",
+        f"data.train.src={files['src']}",
+        f"data.train.tgt={files['tgt']}",
+        f"data.val.tsv={files['tsv']}",
+    )
+    dm = instantiate(cfg.data)
+    with caplog.at_level("WARNING", logger="mha_lightning.data.datamodule"):
+        dm.setup("validate")
+    sources, targets = (dm.tokenizer.encode_batch(column) for column in _val_columns(files))
+    longer = sum(len(s) > 3 or len(t) > 3 for s, t in zip(sources, targets, strict=True))
+    assert longer > 0
+    (warning,) = [r.getMessage() for r in caplog.records if "longer than data.max_len" in r.getMessage()]
+    assert warning.startswith(f"{longer} of 40 val pairs")
+    assert all(len(s) <= 3 and len(t) <= 3 for s, t in dm.splits["val"])
+
+
+def _val_columns(files) -> tuple[list[str], list[str]]:
+    pairs = [line.split("\t") for line in files["tsv"].read_text(encoding="utf-8").splitlines()]
+    return [s for s, _ in pairs], [t for _, t in pairs]

@@ -57,6 +57,9 @@ def test_the_monitor_takes_its_settings_from_the_config_group_alone(make_cfg):
         ("module.optimizer.lr=-1", "module.optimizer"),
         ("ckpt_path=/no/such/file.ckpt", "ckpt_path=/no/such/file.ckpt does not exist"),
         ("init_from=/no/such/dir", "init_from=/no/such/dir does not exist"),
+        ("trainer.precision=bf16-mixed", "trainer.precision=bf16-mixed on a CPU"),
+        ("parallel.timeout_minutes=0", "parallel.timeout_minutes must be a positive number"),
+        ("module.on_nonfinite=ignore", "module.on_nonfinite='ignore' must be one of"),
     ],
 )
 def test_preflight_names_the_bad_value_in_one_line(make_cfg, override, needle):
