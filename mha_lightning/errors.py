@@ -33,6 +33,12 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, unreadable or does not match the model."""
 
 
+class Preempted(UserError):
+    """The run received SIGTERM and stopped after saving a checkpoint (resume it with ``ckpt_path``)."""
+
+    exit_code = 143  # 128 + SIGTERM, as a shell reports a process ended by it
+
+
 class NonFiniteError(UserError):
     """Training produced a non-finite loss or gradient norm and stopped (``module.on_nonfinite=stop``)."""
 

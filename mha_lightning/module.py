@@ -96,15 +96,23 @@ class Seq2SeqModule(L.LightningModule):
 
     @override
     def on_fit_start(self) -> None:
-        """Restore a resumed run's random streams, or give each data-parallel replica its own."""
-        world = self.trainer.world_size
-        if self._resumed_rng is not None and len(self._resumed_rng) == world:
-            seeding.restore(self._resumed_rng[self.global_rank], self._shard_rng)
-        elif self.dp_size > 1:
+        """Give each data-parallel replica its own stream (a resumed run restores its saved ones instead)."""
+        if self._resumed_rng is None and self.dp_size > 1:
             # Every rank was seeded alike so that the model initialises identically everywhere; from
             # here, data-parallel replicas draw their own dropout masks (docs/design.md, "Randomness").
             tp_rank, tp_size = self.tp_rank_and_size
             torch.manual_seed(seeding.rank_seeds(torch.initial_seed(), self.dp_rank, tp_rank, tp_size).replica)
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """A resumed run restores its random streams just before its first step.
+
+        Not earlier: starting the data iterator draws from torch's global RNG (DataLoader's base
+        seed), which the uninterrupted run did at the start of the epoch, long before this step."""
+        if self._resumed_rng is not None:
+            if len(self._resumed_rng) == self.trainer.world_size:
+                seeding.restore(self._resumed_rng[self.global_rank], self._shard_rng)
+            self._resumed_rng = None
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

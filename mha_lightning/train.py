@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mha_lightning.config import MonitorConfig, RunPlan, instantiate, preflight
-from mha_lightning.errors import NonFiniteError, UserError, report
+from mha_lightning.errors import NonFiniteError, Preempted, UserError, report
 
 log = logging.getLogger(__name__)
 CONFIG_PATH = "pkg://mha_lightning.conf"
@@ -55,8 +55,14 @@ def build_strategy(plan: RunPlan) -> Any:
 
 
 def build_callbacks(cfg: DictConfig, monitor: MonitorConfig) -> list:
-    """The configured callbacks, plus the entropy monitor when ``monitor.enabled``."""
+    """The configured callbacks; a SIGTERM checkpoint when there is a checkpoint folder; the monitor if enabled."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    if any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        from mha_lightning.preemption import PreemptionCheckpoint
+
+        callbacks.append(PreemptionCheckpoint())  # a SIGTERM saves the current step
     if monitor.enabled:
         from mha_lightning.monitor.callback import EntropyMonitor
 
@@ -96,6 +102,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return _relaunch_sweep_job(cfg)
 
     import lightning as L  # here, not at import time: `--cfg job` and config errors stay fast
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from mha_lightning.preemption import PreemptionCheckpoint
 
     plan = preflight(cfg)
     if launcher_rank() in (None, 0):
@@ -127,6 +136,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        except SIGTERMException:
+            saved = next((c.saved for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
+            where = f"saved {saved}; resume with ckpt_path={saved}" if saved else "no checkpoint folder to save to"
+            raise Preempted(f"stopped by SIGTERM at step {trainer.global_step}; {where}") from None
         except NonFiniteError as e:
             ckpt = trainer.checkpoint_callback
             last = (ckpt.last_model_path or ckpt.best_model_path) if ckpt is not None else ""
