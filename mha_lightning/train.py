@@ -77,6 +77,23 @@ def build_loggers(cfg: DictConfig) -> list:
     return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
 
 
+def build_trainer(cfg: DictConfig, plan: RunPlan, loggers: list) -> Any:
+    """The run's Trainer: its strategy, callbacks and loggers; on one device, single-file checkpoints
+    written atomically (``AtomicCheckpointIO``). Sharded checkpoints are DCP folders, not a CheckpointIO's."""
+    extra = {}
+    if plan.world_size == 1:
+        from mha_lightning.checkpoint_io import AtomicCheckpointIO  # here: imports torch and Lightning
+
+        extra["plugins"] = [AtomicCheckpointIO()]
+    return instantiate(
+        cfg.trainer,
+        strategy=build_strategy(plan),
+        callbacks=build_callbacks(cfg, plan.monitor),
+        logger=loggers or False,
+        **extra,
+    )
+
+
 def launcher_rank() -> int | None:
     """This process's global rank as an external launcher (torchrun, srun) or Lightning's own
     subprocess launcher set it; None in a plain process that has not launched workers yet."""
@@ -127,12 +144,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # build its _target_s). save_hyperparameters, not hparams[...] =: loggers log the initial hparams.
     module.save_hyperparameters({"run_config": OmegaConf.to_container(cfg, resolve=True)})
     loggers = build_loggers(cfg)
-    trainer = instantiate(
-        cfg.trainer,
-        strategy=build_strategy(plan),
-        callbacks=build_callbacks(cfg, plan.monitor),
-        logger=loggers or False,
-    )
+    trainer = build_trainer(cfg, plan, loggers)
     try:
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
