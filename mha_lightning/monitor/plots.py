@@ -25,17 +25,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from mha_lightning.errors import ConfigError, DataError, exit_on_user_error
-
-# The record's names stay importable from here, where mha-plot users found them before
-# record.py existed; the package itself imports them from record.
 from mha_lightning.monitor.record import (
-    COLUMNS,
     CSV_NAME,
-    KINDS,
     SPLITS,
     VALUES,
     EntropyTable,
-    _short,
     as_table,
     check_split_kind,
     check_steps,
@@ -43,18 +37,11 @@ from mha_lightning.monitor.record import (
     entropy_cube,
     entropy_matrix,
     load_entropy_csv,
+    one_line,
     record_path,
 )
 
 __all__ = [
-    "CSV_NAME",
-    "COLUMNS",
-    "KINDS",
-    "SPLITS",
-    "VALUES",
-    "EntropyTable",
-    "load_entropy_csv",
-    "entropy_matrix",
     "heatmap_array",
     "heatmap_figure",
     "figure_to_png",
@@ -63,7 +50,6 @@ __all__ = [
     "render_all",
     "main",
 ]
-
 _VALUE_LABELS = {"entropy": "entropy (nats)", "entropy_norm": "normalised entropy"}
 _KIND_LABELS = {
     "enc_self": "encoder self-attention",
@@ -332,7 +318,7 @@ def render_all(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(
-            f"cannot create output directory {out}: {_short(e.strerror or str(e), 80)}; pass a writable --out"
+            f"cannot create output directory {out}: {one_line(e.strerror or str(e), 80)}; pass a writable --out"
         ) from None
 
     written: list[Path] = []
@@ -360,7 +346,7 @@ def render_all(
                 written.append(figure_to_png(fig, p))
             except OSError as e:
                 raise ConfigError(
-                    f"cannot write {p}: {_short(e.strerror or str(e), 80)}; pass a writable --out"
+                    f"cannot write {p}: {one_line(e.strerror or str(e), 80)}; pass a writable --out"
                 ) from None
     return written
 

@@ -166,7 +166,8 @@ def _ordered(items: Sequence[str], canonical: Sequence[str]) -> list[str]:
     return known + sorted(i for i in items if i not in canonical)
 
 
-def _short(text: str, limit: int = 40) -> str:
+def one_line(text: str, limit: int = 40) -> str:
+    """``text`` on one line, cut to ``limit`` characters (for error messages)."""
     text = " ".join(str(text).split())  # one line, whatever the value held
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -198,10 +199,10 @@ def load_entropy_csv(path: str | Path) -> EntropyTable:
         ) from None
     except UnicodeDecodeError as e:
         raise DataError(
-            f"{path} is not a UTF-8 text CSV ({_short(str(e), 80)}); pass the {CSV_NAME} of a run"
+            f"{path} is not a UTF-8 text CSV ({one_line(str(e), 80)}); pass the {CSV_NAME} of a run"
         ) from None
     except OSError as e:
-        raise DataError(f"cannot read entropy CSV {path}: {_short(e.strerror or str(e), 80)}") from None
+        raise DataError(f"cannot read entropy CSV {path}: {one_line(e.strerror or str(e), 80)}") from None
 
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
@@ -218,7 +219,7 @@ def load_entropy_csv(path: str | Path) -> EntropyTable:
         if missing:
             raise DataError(
                 f"{path} line {reader.line_num}: header lacks column(s) {', '.join(missing)}; "
-                f"expected '{','.join(COLUMNS)}' (got '{_short(','.join(header), 80)}')"
+                f"expected '{','.join(COLUMNS)}' (got '{one_line(','.join(header), 80)}')"
             )
         idx = [header.index(c) for c in COLUMNS]
         need = max(idx) + 1
@@ -240,7 +241,7 @@ def load_entropy_csv(path: str | Path) -> EntropyTable:
             lines.append(reader.line_num)
     except csv.Error as e:
         raise DataError(
-            f"{path} line {reader.line_num}: malformed CSV ({_short(str(e), 80)}); fix or regenerate the file"
+            f"{path} line {reader.line_num}: malformed CSV ({one_line(str(e), 80)}); fix or regenerate the file"
         ) from None
 
     if short_row is not None and (data_after_short or text.endswith(("\n", "\r"))):
@@ -311,7 +312,7 @@ def _to_numeric(
             conv(v)
         except (ValueError, OverflowError):
             kind = "an integer" if is_int else "a number"
-            shown = repr(_short(v)) if v else "empty"
+            shown = repr(one_line(v)) if v else "empty"
             raise DataError(
                 f"{source} {where} {lines[i]}: {name} is {shown}, expected {kind}; "
                 "fix or remove the row (or regenerate the CSV)"

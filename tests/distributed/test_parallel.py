@@ -20,23 +20,13 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from helpers.distributed import mesh_ranks, run_distributed
+from helpers.models import TINY
 from mha_lightning import parallel
 from mha_lightning.data.vocab import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID
 from mha_lightning.errors import ConfigError
 from mha_lightning.model import Seq2SeqTransformer
 from mha_lightning.module import token_loss
 
-TINY = dict(
-    vocab_size=20,
-    d_model=32,
-    num_heads=4,
-    num_encoder_layers=2,
-    num_decoder_layers=2,
-    ffn_dim=64,
-    dropout=0.0,
-    attention_dropout=0.0,
-    max_len=32,
-)
 LABEL_SMOOTHING = 0.1
 TP_STEPS = 20
 DP_TP_STEPS = 4

@@ -25,6 +25,7 @@ from mha_lightning.errors import DataError
 from mha_lightning.loggers import wandb_mode
 from mha_lightning.model import Seq2SeqTransformer
 from mha_lightning.module import Seq2SeqModule
+from mha_lightning.preemption import PreemptionCheckpoint
 from mha_lightning.train import build_callbacks, build_loggers
 
 # The tiny model, smaller still: configs are what is under test here, not the model.
@@ -239,9 +240,10 @@ def test_callbacks_configs(make_cfg, tmp_path, name):
     cfg = make_cfg(f"callbacks={name}", "logger=none", "monitor.enabled=false", *TINY)
     *_, callbacks, trainer = instantiate_run(cfg)
     checkpoints = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
-    assert len(callbacks) == len(cfg.callbacks or {})
+    preemption = [c for c in callbacks if isinstance(c, PreemptionCheckpoint)]
+    assert len(callbacks) == len(cfg.callbacks or {}) + len(preemption)
     if name == "default":
-        assert len(checkpoints) == 1
+        assert len(checkpoints) == 1 and len(preemption) == 1  # a checkpoint folder: SIGTERM saves into it
         assert Path(checkpoints[0].dirpath) == tmp_path / "run" / "checkpoints"
         assert checkpoints[0].monitor == "val/loss" and checkpoints[0].save_last
         assert trainer.checkpoint_callback is checkpoints[0]

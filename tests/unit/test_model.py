@@ -7,27 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from helpers.models import TINY, tiny
 from mha_lightning.data.batching import collate
 from mha_lightning.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from mha_lightning.errors import ConfigError
 from mha_lightning.model import ProbingCore, SDPACore, Seq2SeqTransformer
-
-TINY = dict(
-    vocab_size=20,
-    d_model=32,
-    num_heads=4,
-    num_encoder_layers=2,
-    num_decoder_layers=2,
-    ffn_dim=64,
-    dropout=0.0,
-    attention_dropout=0.0,
-    max_len=32,
-)
-
-
-def tiny(seed: int = 0, **overrides) -> Seq2SeqTransformer:
-    torch.manual_seed(seed)
-    return Seq2SeqTransformer(**{**TINY, **overrides}).eval()
 
 
 def all_attention(model):

@@ -7,26 +7,15 @@ import math
 import numpy as np
 import torch
 
+from helpers.models import tiny
 from mha_lightning.model import AttentionMask, ProbingCore, SDPACore, Seq2SeqTransformer
 from mha_lightning.monitor.entropy import HeadEntropyAccumulator, finalize, global_head_state
 
 PAD = 0
 
 
-def tiny_model(**kw) -> Seq2SeqTransformer:
-    torch.manual_seed(0)
-    cfg = dict(
-        vocab_size=20,
-        d_model=32,
-        num_heads=4,
-        num_encoder_layers=2,
-        num_decoder_layers=2,
-        ffn_dim=64,
-        dropout=0.0,
-        max_len=64,
-    )
-    cfg.update(kw)
-    return Seq2SeqTransformer(**cfg).eval()
+def tiny_model() -> Seq2SeqTransformer:
+    return tiny(max_len=64)
 
 
 def naive_head_entropy(probs, query_valid, mask):
