@@ -55,6 +55,8 @@ class CheckpointInfo:
 
     path: Path
     hparams: dict[str, Any]
+    global_step: int = 0
+    wandb_run_id: str | None = None  # the W&B run a resumed run continues
 
     @property
     def sharded(self) -> bool:
@@ -92,7 +94,31 @@ def read_info(path: str | Path, key: str = "checkpoint") -> CheckpointInfo:
         checkpoint = _torch_load(meta)
     else:
         checkpoint = _torch_load(path)
-    return CheckpointInfo(path, dict(checkpoint.get("hyper_parameters") or {}))
+    return CheckpointInfo(
+        path,
+        dict(checkpoint.get("hyper_parameters") or {}),
+        int(checkpoint.get("global_step") or 0),
+        checkpoint.get("wandb_run_id"),
+    )
+
+
+def newest_complete(folder: str | Path) -> tuple[CheckpointInfo | None, list[str]]:
+    """The checkpoint of ``folder`` with the highest step that reads whole -> (it or None, skipped reasons).
+
+    Candidates are ``*.ckpt`` files and sharded folders; a torn or foreign one is skipped, not fatal."""
+    folder = Path(folder)
+    found, skipped = [], []
+    for path in sorted(folder.glob("*.ckpt")) if folder.is_dir() else []:
+        if path.is_dir() and not (path / ".metadata").is_file():
+            skipped.append(f"{path.name} (no .metadata: an unfinished sharded save)")
+            continue
+        try:
+            found.append(read_info(path))
+        except CheckpointError as e:
+            skipped.append(f"{path.name} ({e})")
+    # Highest step first; at equal steps prefer last.ckpt (it is written after the others).
+    found.sort(key=lambda info: (info.global_step, info.path.name.startswith("last")), reverse=True)
+    return (found[0] if found else None), skipped
 
 
 def check_compatible(info: CheckpointInfo, config: dict[str, Any], key: str = "ckpt_path") -> None:

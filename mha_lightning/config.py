@@ -227,6 +227,32 @@ def _checkpoint(key: str, value: Any, model: Mapping[str, Any]):
     return info
 
 
+def _resume(c: Mapping[str, Any], model: Mapping[str, Any]):
+    """The checkpoint to resume: ``ckpt_path``, or with ``resume=auto`` the run folder's newest complete one."""
+    mode = c.get("resume")
+    if mode not in (None, False, "auto"):
+        raise ConfigError(f"resume={mode!r} must be auto or null (to resume a given checkpoint, set ckpt_path)")
+    if mode != "auto":
+        return _checkpoint("ckpt_path", c.get("ckpt_path"), model)
+    if c.get("ckpt_path"):
+        raise ConfigError("set either resume=auto or ckpt_path, not both")
+    import logging
+
+    from mha_lightning.checkpoints import check_compatible, newest_complete
+
+    folder = Path(c["paths"]["output_dir"]) / "checkpoints"
+    info, skipped = newest_complete(folder)
+    log = logging.getLogger(__name__)
+    for reason in skipped:
+        log.warning("resume=auto: skipping %s", reason)
+    if info is None:
+        log.info("resume=auto: no checkpoint in %s; starting fresh", folder)
+        return None
+    check_compatible(info, dict(model), "resume=auto")
+    log.info("resume=auto: resuming %s (step %d)", info.path, info.global_step)
+    return info
+
+
 def _check_resume_layout(info, dp: int, tp: int) -> None:
     """A sharded checkpoint folder resumes only at the (dp, tp) that wrote it."""
     saved = info.run_config
@@ -273,7 +299,7 @@ def preflight(cfg: Any) -> RunPlan:
         raise ConfigError(f"module.on_nonfinite={module['on_nonfinite']!r} must be one of {list(NONFINITE_POLICIES)}")
     decoding = DecodingConfig.from_dict(module.get("decoding"))
     monitor = MonitorConfig.from_dict(c.get("monitor"))
-    resume = _checkpoint("ckpt_path", c.get("ckpt_path"), model)
+    resume = _resume(c, model)
     if resume is not None:
         _check_resume_layout(resume, dp, tp)
     init = _checkpoint("init_from", c.get("init_from"), model)

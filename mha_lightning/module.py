@@ -124,6 +124,11 @@ class Seq2SeqModule(L.LightningModule):
         else:
             gathered = [states]
         checkpoint["rng_states"] = gathered
+        from lightning.pytorch.loggers import WandbLogger
+
+        wandb_ids = [lg.version for lg in self.loggers if isinstance(lg, WandbLogger)]
+        if wandb_ids and wandb_ids[0]:
+            checkpoint["wandb_run_id"] = wandb_ids[0]  # a resumed run continues this W&B run
         self.last_saved_step = checkpoint["global_step"]
 
     @override

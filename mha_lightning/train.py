@@ -70,11 +70,17 @@ def build_callbacks(cfg: DictConfig, monitor: MonitorConfig) -> list:
     return callbacks
 
 
-def build_loggers(cfg: DictConfig) -> list:
-    """The configured loggers (empty: no logging)."""
+def build_loggers(cfg: DictConfig, plan: RunPlan | None = None) -> list:
+    """The configured loggers (empty: no logging); a resumed run continues its checkpoint's W&B run."""
     # Only nodes with a _target_: an experiment may set e.g. logger.wandb.group while the
     # user picked logger=csv, which leaves a bare {group: ...} behind.
-    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
+    run_id = plan.resume.wandb_run_id if plan is not None and plan.resume is not None else None
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if node and "_target_" in node:
+            extra = {"id": run_id, "resume": "allow"} if name == "wandb" and run_id else {}
+            loggers.append(instantiate(node, **extra))
+    return loggers
 
 
 def build_trainer(cfg: DictConfig, plan: RunPlan, loggers: list) -> Any:
@@ -143,11 +149,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # Saved with every checkpoint and logged as the W&B config (not passed to instantiate, which would
     # build its _target_s). save_hyperparameters, not hparams[...] =: loggers log the initial hparams.
     module.save_hyperparameters({"run_config": OmegaConf.to_container(cfg, resolve=True)})
-    loggers = build_loggers(cfg)
+    loggers = build_loggers(cfg, plan)
     trainer = build_trainer(cfg, plan, loggers)
     try:
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            trainer.fit(module, datamodule=datamodule, ckpt_path=plan.resume.path if plan.resume else None)
         except SIGTERMException:
             saved = next((c.saved for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
             where = f"saved {saved}; resume with ckpt_path={saved}" if saved else "no checkpoint folder to save to"

@@ -22,7 +22,7 @@ from mha_lightning.config import MonitorConfig
 from mha_lightning.model import ATTENTION_KINDS, ProbingCore
 from mha_lightning.monitor.entropy import HeadEntropyAccumulator, finalize, global_head_state
 from mha_lightning.monitor.plots import heatmap_array, render_all
-from mha_lightning.monitor.record import append_rows, record_path
+from mha_lightning.monitor.record import append_rows, drop_replayed_rows, record_path
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,18 @@ class EntropyMonitor(L.Callback):
         self._measured_step = -1
 
     # ------------------------------------------------------------------ wiring
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A resumed run: drop the record's rows it is about to log again (no duplicate steps)."""
+        if trainer.global_step > 0 and trainer.is_global_zero:
+            dropped = drop_replayed_rows(record_path(self.output_dir), trainer.global_step)
+            if dropped:
+                log.info(
+                    "resumed at step %d: dropped %d entropy rows logged after that checkpoint",
+                    trainer.global_step,
+                    dropped,
+                )
+
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.output_dir is None:

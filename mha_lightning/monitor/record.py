@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,36 @@ def append_rows(path: str | Path, split: str, step: int, values: Mapping[str, tu
             for (layer, head), h in np.ndenumerate(ent):
                 n = norm[layer, head]
                 writer.writerow([step, split, kind, layer, head, f"{h:.6f}", "" if math.isnan(n) else f"{n:.6f}"])
+
+
+def drop_replayed_rows(path: str | Path, step: int) -> int:
+    """Before a run resumed at ``step`` logs again, remove the rows it will log again -> how many.
+
+    A checkpoint at step S is written after that step's validation (whose probe rows carry S) and
+    before the training measurement at S: so training rows from S on and validation rows after S
+    were logged by the interrupted run after its checkpoint. The file is rewritten atomically."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return 0
+    header, body = rows[0], rows[1:]
+    i_step, i_split = header.index("step"), header.index("split")
+
+    def replayed(row: list[str]) -> bool:
+        s = int(row[i_step])
+        return s >= step if row[i_split] == "train" else s > step
+
+    kept = [r for r in body if len(r) == len(header) and not replayed(r)]
+    dropped = len(body) - len(kept)
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("w", newline="") as f:
+            csv.writer(f).writerows([header, *kept])
+        os.replace(tmp, path)
+    return dropped
 
 
 # --------------------------------------------------------------------------- reading
