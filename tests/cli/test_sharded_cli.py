@@ -10,7 +10,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -204,24 +203,11 @@ def _leftover_processes(marker: str) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize(
-    "overrides, needles",
-    [
-        (["model.num_heads=3", *TP2], ["model.num_heads (3)", "tensor_parallel_size (2)"]),
-        (
-            ["parallel.data_parallel_size=2", *TP2],
-            ["data_parallel_size (2)", "tensor_parallel_size (2)", "trainer.devices (2)"],
-        ),
-        (["model.ffn_dim=63", *TP2], ["model.ffn_dim (63)", "tensor_parallel_size (2)"]),
-        (["parallel.tensor_parallel_size=8", "trainer.devices=8"], ["tensor_parallel_size (8)", "num_heads (4)"]),
-    ],
-    ids=["heads_not_divisible", "dp_x_tp_not_devices", "ffn_not_divisible", "tp_above_heads"],
-)
-def test_bad_parallel_config_fails_before_spawning(overrides, needles, tmp_path):
+def test_bad_parallel_config_fails_before_spawning(tmp_path):
+    """One CLI case; every layout check is in tests/unit/test_schemas.py (preflight, in-process)."""
+    overrides, needles = ["model.num_heads=3", *TP2], ["model.num_heads (3)", "tensor_parallel_size (2)"]
     run = tmp_path / "bad_parallel_run"
-    start = time.monotonic()
     proc = mha_train(run, *overrides, "logger=none", timeout=60)
-    elapsed = time.monotonic() - start
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -229,7 +215,6 @@ def test_bad_parallel_config_fails_before_spawning(overrides, needles, tmp_path)
     for needle in needles:
         assert needle in lines[0], lines[0]
     assert "Initializing distributed" not in proc.stdout + proc.stderr
-    assert elapsed < 15, f"took {elapsed:.1f}s: it should fail before any worker starts"
     assert not _leftover_processes(str(run)), _leftover_processes(str(run))
 
 

@@ -69,6 +69,25 @@ def test_preflight_names_the_bad_value_in_one_line(make_cfg, override, needle):
     assert needle in message and "\n" not in message, message
 
 
+TP2 = ["trainer.devices=2", "parallel.tensor_parallel_size=2"]
+
+
+@pytest.mark.parametrize(
+    "overrides, needles",
+    [
+        (["model.num_heads=3", *TP2], ["model.num_heads (3)", "tensor_parallel_size (2)"]),
+        (["parallel.data_parallel_size=2", *TP2], ["data_parallel_size (2)", "trainer.devices (2)"]),
+        (["model.ffn_dim=63", *TP2], ["model.ffn_dim (63)", "tensor_parallel_size (2)"]),
+        (["parallel.tensor_parallel_size=8", "trainer.devices=8"], ["tensor_parallel_size (8)", "num_heads (4)"]),
+    ],
+    ids=["heads_not_divisible", "dp_x_tp_not_devices", "ffn_not_divisible", "tp_above_heads"],
+)
+def test_preflight_refuses_a_bad_layout_naming_the_values(make_cfg, overrides, needles):
+    with pytest.raises(ConfigError) as info:
+        preflight(make_cfg(*overrides))
+    assert all(needle in str(info.value) for needle in needles), str(info.value)
+
+
 def test_preflight_plan_resolves_the_layout(make_cfg):
     plan = preflight(make_cfg("trainer.devices=4", "parallel.tensor_parallel_size=2"))
     assert (plan.data_parallel_size, plan.tensor_parallel_size, plan.world_size) == (2, 2, 4)
