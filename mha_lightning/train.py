@@ -109,6 +109,24 @@ def launcher_rank() -> int | None:
     return None
 
 
+def fit(trainer, module, datamodule, plan: RunPlan) -> None:
+    """``trainer.fit`` (resuming ``plan.resume``); a SIGTERM or a non-finite step becomes one error line."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from mha_lightning.preemption import PreemptionCheckpoint
+
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=plan.resume.path if plan.resume else None)
+    except SIGTERMException:
+        saved = next((c.saved for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
+        where = f"saved {saved}; resume with ckpt_path={saved}" if saved else "no checkpoint folder to save to"
+        raise Preempted(f"stopped by SIGTERM at step {trainer.global_step}; {where}") from None
+    except NonFiniteError as e:
+        ckpt = trainer.checkpoint_callback
+        last = (ckpt.last_model_path or ckpt.best_model_path) if ckpt is not None else ""
+        raise NonFiniteError(f"{e}; last good checkpoint: {last or 'none saved yet'}") from None
+
+
 def save_final_checkpoint(trainer, module) -> None:
     """ModelCheckpoint saves at validation; make last.ckpt hold the weights training ended with."""
     ckpt = trainer.checkpoint_callback
@@ -125,9 +143,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return _relaunch_sweep_job(cfg)
 
     import lightning as L  # here, not at import time: `--cfg job` and config errors stay fast
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    from mha_lightning.preemption import PreemptionCheckpoint
 
     plan = preflight(cfg)
     if launcher_rank() in (None, 0):
@@ -152,16 +167,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = build_loggers(cfg, plan)
     trainer = build_trainer(cfg, plan, loggers)
     try:
-        try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=plan.resume.path if plan.resume else None)
-        except SIGTERMException:
-            saved = next((c.saved for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
-            where = f"saved {saved}; resume with ckpt_path={saved}" if saved else "no checkpoint folder to save to"
-            raise Preempted(f"stopped by SIGTERM at step {trainer.global_step}; {where}") from None
-        except NonFiniteError as e:
-            ckpt = trainer.checkpoint_callback
-            last = (ckpt.last_model_path or ckpt.best_model_path) if ckpt is not None else ""
-            raise NonFiniteError(f"{e}; last good checkpoint: {last or 'none saved yet'}") from None
+        fit(trainer, module, datamodule, plan)
         save_final_checkpoint(trainer, module)
         metrics = _floats(trainer.callback_metrics)
         if cfg.get("test") and not trainer.fast_dev_run:

@@ -132,6 +132,14 @@ def test_eval_scores_a_checkpoint(short_run, capsys, tmp_path):
     assert len(lines) == 3
     assert all(4 <= int(tok) < 24 for line in lines for tok in line.split())
 
+    # An empty input file: one line and exit code 2, no hypotheses file.
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    capsys.readouterr()
+    assert evaluate.main([str(ckpt), "--input", str(empty), "--output", str(tmp_path / "none.txt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error:") and "is empty" in err[-1] and not (tmp_path / "none.txt").exists()
+
 
 @pytest.mark.parametrize("kind", ["missing", "garbage", "not_a_run"])
 def test_eval_bad_checkpoint_exits_2_with_one_line(kind, tmp_path, capsys):
