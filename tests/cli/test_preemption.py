@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from helpers.config import QUIET
-from helpers.runs import cli_env, csv_train_rows
+from helpers.runs import csv_train_rows, start_mha_train
 
 COMMON = [
     *QUIET,
@@ -26,10 +25,7 @@ COMMON = [
 
 
 def mha_train(run_dir: Path, *overrides: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "mha_lightning.train", *COMMON, *overrides, f"hydra.run.dir={run_dir}"]
-    return subprocess.Popen(
-        cmd, cwd=run_dir.parent, env=cli_env(run_dir.parent), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    return start_mha_train(run_dir, *COMMON, *overrides)
 
 
 def test_sigterm_saves_the_current_step_and_the_resume_continues_exactly(tmp_path):

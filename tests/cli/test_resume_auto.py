@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from helpers.runs import cli_env, csv_train_rows
+from helpers.runs import csv_train_rows, start_mha_train
 from helpers.wandb_offline import find_run_files, read_run_info
 from mha_lightning.monitor.record import load_entropy_csv, record_path
 
@@ -32,11 +31,7 @@ COMMON = [
 
 
 def mha_train(run_dir: Path, *overrides: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "mha_lightning.train", *COMMON, *overrides, f"hydra.run.dir={run_dir}"]
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(
-        cmd, cwd=run_dir.parent, env=cli_env(run_dir.parent), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    return start_mha_train(run_dir, *COMMON, *overrides)
 
 
 def finish(proc: subprocess.Popen) -> None:

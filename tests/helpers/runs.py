@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -31,3 +33,12 @@ def csv_train_rows(run_dir: Path, version: int | None = None) -> dict[int, tuple
             if row["train/loss"]:
                 rows[int(row["step"])] = (float(row["train/loss"]), float(row["train/lr"]))
     return rows
+
+
+def start_mha_train(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    """Start `python -m mha_lightning.train <overrides>` writing into ``run_dir``; the caller waits or signals it."""
+    cmd = [sys.executable, "-m", "mha_lightning.train", *overrides, f"hydra.run.dir={run_dir}"]
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        cmd, cwd=run_dir.parent, env=cli_env(run_dir.parent), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
