@@ -55,6 +55,7 @@ class Seq2SeqModule(L.LightningModule):
         self.skipped_steps = 0  # steps dropped for a non-finite loss or gradient (on_nonfinite=skip)
         self._shard_rng: seeding.ShardedDropoutRNG | None = None
         self._resumed_rng: list | None = None
+        self._grad_norm: Tensor | None = None  # this step's total gradient norm, for clipping
         self.last_saved_step = -1  # the global step of the newest checkpoint this run wrote
         # The model's own config travels with every checkpoint, so mha-eval can rebuild it.
         self.save_hyperparameters(
@@ -280,14 +281,17 @@ class Seq2SeqModule(L.LightningModule):
                     p.grad.clamp_(-float(gradient_clip_val), float(gradient_clip_val))
             return
         # Parameters live on different meshes under TP x FSDP: clip with a per-mesh norm.
-        norm = parallel.clip_grad_norm(self.parameters(), float(gradient_clip_val))
+        # The norm on_before_optimizer_step just measured (Lightning clips right after it): not computed twice.
+        norm = parallel.clip_grad_norm(self.parameters(), float(gradient_clip_val), self._grad_norm)
         self.log("train/grad_norm", norm, batch_size=1)
 
     @override
     def on_before_optimizer_step(self, optimizer) -> None:
         """A finite loss can still give non-finite gradients: stop or skip before they reach the weights."""
         norm = parallel.total_grad_norm(self.parameters())  # global over every mesh: all ranks agree
+        self._grad_norm = norm
         if not bool(torch.isfinite(norm)):
+            self._grad_norm = None  # skipped: the gradients are dropped below
             self._nonfinite("gradient norm", float(norm))
             self.zero_grad(set_to_none=True)  # skip: the optimizer leaves parameters without gradients alone
 

@@ -191,12 +191,14 @@ def total_grad_norm(parameters: Iterable[nn.Parameter]) -> Tensor:
 
 
 @torch.no_grad()
-def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> Tensor:
-    """Clip like ``torch.nn.utils.clip_grad_norm_`` but across meshes; returns the pre-clip norm."""
+def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float, norm: Tensor | None = None) -> Tensor:
+    """Clip like ``torch.nn.utils.clip_grad_norm_`` but across meshes; returns the pre-clip norm.
+
+    ``norm``: the gradients' total norm if the caller already has it (computed here otherwise)."""
     from torch.distributed.tensor.experimental import implicit_replication
 
     parameters = list(parameters)
-    norm = total_grad_norm(parameters)
+    norm = total_grad_norm(parameters) if norm is None else norm
     # A tensor, never .item(): no host sync on the hot path (as torch's own clip_grad_norm_).
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     with implicit_replication():  # the plain scalar multiplies DTensor grads as a replicated value
