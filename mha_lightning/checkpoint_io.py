@@ -1,34 +1,32 @@
-"""Single-file checkpoints that appear only when complete (docs/design.md, "Checkpoints").
+"""Checkpoints that appear only when complete, single files and sharded folders (docs/design.md, "Checkpoints").
 
 Lightning's ``TorchCheckpointIO`` writes the new file in a temporary place and then moves it
 onto the target. When that place (``$TMPDIR``) is on another filesystem the move is a copy into
 the target itself, so a ``kill -9`` or a full disk during it leaves a torn ``last.ckpt``: the only
 good checkpoint of the run is gone. :class:`AtomicCheckpointIO` writes beside the target instead
 and renames within the directory, which is atomic: readers see the previous checkpoint, whole,
-until the new one is complete and flushed to disk.
+until the new one is complete and flushed to disk. :class:`AtomicModelParallelStrategy` does the
+same for the sharded folders of tp/dp runs.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.strategies import ModelParallelStrategy
+from typing_extensions import override
 
+from mha_lightning.checkpoint_folder import fsync_path, publish, remove, sibling_path
 from mha_lightning.errors import CheckpointError
 
 
 def temporary_path(path: str | os.PathLike) -> Path:
-    """A fresh name for writing ``path``: hidden, in ``path``'s own directory (so the final rename
-    stays on one filesystem), unique per process and call: ``.<name>.tmp-<pid>-<random>``.
-
-    It does not end in the checkpoint's suffix, so nothing that lists ``*.ckpt`` mistakes a
-    leftover (after ``kill -9``) for a checkpoint."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    """A fresh hidden name for writing ``path``, in its own directory: ``.<name>.tmp-<pid>-<random>``."""
+    return sibling_path(path, "tmp")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -76,7 +74,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if cause is not None:
                 raise _write_error(target, cause) from e
             raise
-        _fsync_directory(target.parent)
+        fsync_path(target.parent, directory=True)
 
 
 def _local_path(path: Any) -> str | None:
@@ -116,15 +114,48 @@ def _remove_quietly(path: Path) -> None:
         pass
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename durable; not every platform or filesystem can open or fsync a directory."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+class AtomicModelParallelStrategy(ModelParallelStrategy):
+    """``ModelParallelStrategy`` whose sharded checkpoints appear only when complete.
+
+    Lightning rewrites a sharded folder in place, so a kill during the save leaves a mix of old
+    and new (or empty) shards under the only checkpoint's name. Here every rank writes into one
+    hidden staging folder beside the target (its name chosen by rank 0), all ranks agree the
+    write succeeded, and rank 0 seals and renames it onto the target
+    (:func:`~mha_lightning.checkpoint_folder.publish`). A failure anywhere leaves the previous
+    checkpoint as it was and is one :class:`~mha_lightning.errors.CheckpointError` line on every
+    rank (docs/design.md, "Checkpoints")."""
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Write ``checkpoint`` (a collective: every rank calls it) to a staging folder, then publish it."""
+        if storage_options is not None:  # Lightning's TypeError
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        target = Path(self.broadcast(str(filepath)))
+        staging = Path(self.broadcast(str(sibling_path(target, "tmp"))))
+        step = int(checkpoint.get("global_step", 0))
+        failure: BaseException | None = None
+        try:
+            super().save_checkpoint(checkpoint, staging)
+        except BaseException as e:  # collected, so that no rank is left waiting in the agreement below
+            failure = e
+        written = self.reduce_boolean_decision(failure is None, all=True)
+        message = None
+        if self.global_rank == 0:
+            try:
+                if not written:
+                    raise failure if failure is not None else OSError("another rank could not write its shard")
+                publish(staging, target, step)
+            except BaseException as e:
+                remove(staging)
+                cause = _os_error(e) if isinstance(e, Exception) else None
+                message = str(_write_error(target, cause)) if cause is not None else _first_line(e)
+        message = self.broadcast(message)
+        if failure is not None and not isinstance(failure, Exception):
+            raise failure  # Ctrl-C stays Ctrl-C
+        if message is not None:
+            raise CheckpointError(message) from failure
+
+
+def _first_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"cannot write checkpoint ({text[:300] or type(error).__name__})"

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mha_lightning.checkpoint_folder import verify
 from mha_lightning.errors import CheckpointError, exit_on_user_error
 
 MODEL_PREFIX = "model."
@@ -88,10 +89,13 @@ def read_info(path: str | Path, key: str = "checkpoint") -> CheckpointInfo:
     if not path.exists():
         raise CheckpointError(f"{key}={path} does not exist; pass a .ckpt file or a sharded checkpoint folder")
     if path.is_dir():
+        sealed_step = verify(path)  # complete, one save, plain metadata: before anything is unpickled
         meta = path / META_FILE
         if not meta.is_file():
             raise CheckpointError(f"{path} has no {META_FILE}; is it a mha-train checkpoint folder?")
         checkpoint = _torch_load(meta)
+        if int(checkpoint.get("global_step") or 0) != sealed_step:
+            raise CheckpointError(f"{meta} is of step {checkpoint.get('global_step')}, its manifest of {sealed_step}")
     else:
         checkpoint = _torch_load(path)
     return CheckpointInfo(
@@ -105,19 +109,23 @@ def read_info(path: str | Path, key: str = "checkpoint") -> CheckpointInfo:
 def newest_complete(folder: str | Path) -> tuple[CheckpointInfo | None, list[str]]:
     """The checkpoint of ``folder`` with the highest step that reads whole -> (it or None, skipped reasons).
 
-    Candidates are ``*.ckpt`` files and sharded folders; a torn or foreign one is skipped, not fatal."""
+    Candidates are ``*.ckpt`` files and sharded folders, and the complete hidden folders a sharded
+    save killed between its two renames leaves (``checkpoint_folder.publish``); a torn, unfinished
+    or foreign one is skipped, not fatal."""
     folder = Path(folder)
     found, skipped = [], []
-    for path in sorted(folder.glob("*.ckpt")) if folder.is_dir() else []:
-        if path.is_dir() and not (path / ".metadata").is_file():
-            skipped.append(f"{path.name} (no .metadata: an unfinished sharded save)")
-            continue
+    candidates = sorted(folder.glob("*.ckpt")) + sorted(p for p in folder.glob(".*.ckpt.*-*") if p.is_dir())
+    for path in candidates if folder.is_dir() else []:
         try:
             found.append(read_info(path))
         except CheckpointError as e:
-            skipped.append(f"{path.name} ({e})")
-    # Highest step first; at equal steps prefer last.ckpt (it is written after the others).
-    found.sort(key=lambda info: (info.global_step, info.path.name.startswith("last")), reverse=True)
+            if not path.name.startswith("."):  # an unfinished staging folder is no news
+                skipped.append(f"{path.name} ({e})")
+    # Highest step first; at equal steps a visible one, and last.ckpt (written after the others).
+    found.sort(
+        key=lambda info: (info.global_step, not info.path.name.startswith("."), info.path.name.startswith("last")),
+        reverse=True,
+    )
     return (found[0] if found else None), skipped
 
 
@@ -195,8 +203,9 @@ def consolidate(src: str | Path, dst: str | Path) -> Path:
     model, _ = load_model(src)
     checkpoint = _torch_load(src / META_FILE)
     checkpoint["state_dict"] = {MODEL_PREFIX + k: v for k, v in model.state_dict().items()}
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, dst)
+    from mha_lightning.checkpoint_io import AtomicCheckpointIO  # Lightning: imported only when writing
+
+    AtomicCheckpointIO().save_checkpoint(checkpoint, dst)
     return dst
 
 

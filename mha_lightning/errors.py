@@ -20,6 +20,10 @@ F = TypeVar("F", bound=Callable[..., int])
 class UserError(Exception):
     """A mistake in the user's config, data or checkpoint (not a bug in the package)."""
 
+    # True when every rank of a multi-process run raises the same error at the same point
+    # (the ranks agreed on it): only rank 0 prints it.
+    every_rank = False
+
 
 class ConfigError(UserError, ValueError):
     """An invalid configuration value."""
@@ -37,17 +41,22 @@ class Preempted(UserError):
     """The run received SIGTERM and stopped after saving a checkpoint (resume it with ``ckpt_path``)."""
 
     exit_code = 143  # 128 + SIGTERM, as a shell reports a process ended by it
+    every_rank = True
 
 
 class NonFiniteError(UserError):
     """Training produced a non-finite loss or gradient norm and stopped (``module.on_nonfinite=stop``)."""
 
     exit_code = 3
+    every_rank = True
 
 
-def report(error: UserError) -> int:
-    """Print ``error`` as one line on stderr; return the exit code for it (2, or the error's own)."""
-    print(f"error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+def report(error: UserError, rank: int | None = None) -> int:
+    """Print ``error`` as one line on stderr; return the exit code for it (2, or the error's own).
+
+    ``rank``: this process's rank in a multi-process run; an error every rank raised is printed by rank 0 only."""
+    if not (error.every_rank and rank):
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
     return getattr(error, "exit_code", USER_ERROR_EXIT)
 
 

@@ -38,14 +38,15 @@ def reuse_tokenizer(cfg: DictConfig, plan: RunPlan) -> None:
 
 
 def build_strategy(plan: RunPlan) -> Any:
-    """Lightning's "auto" on one device, else a ModelParallelStrategy over the (dp, tp) mesh, checkpoints sharded."""
+    """Lightning's "auto" on one device, else a ModelParallelStrategy over the (dp, tp) mesh whose sharded
+    checkpoints appear only when complete (``AtomicModelParallelStrategy``)."""
     if plan.world_size == 1:
         return "auto"
     from datetime import timedelta
 
-    from lightning.pytorch.strategies import ModelParallelStrategy
+    from mha_lightning.checkpoint_io import AtomicModelParallelStrategy
 
-    return ModelParallelStrategy(
+    return AtomicModelParallelStrategy(
         data_parallel_size=plan.data_parallel_size,
         tensor_parallel_size=plan.tensor_parallel_size,
         save_distributed_checkpoint=True,
@@ -55,14 +56,11 @@ def build_strategy(plan: RunPlan) -> Any:
 
 
 def build_callbacks(cfg: DictConfig, monitor: MonitorConfig) -> list:
-    """The configured callbacks; a SIGTERM checkpoint when there is a checkpoint folder; the monitor if enabled."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    """The configured callbacks, the preemption stop (SIGTERM, SIGUSR1), and the monitor if enabled."""
+    from mha_lightning.preemption import PreemptionCheckpoint
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    if any(isinstance(c, ModelCheckpoint) for c in callbacks):
-        from mha_lightning.preemption import PreemptionCheckpoint
-
-        callbacks.append(PreemptionCheckpoint())  # a SIGTERM saves the current step
+    callbacks.append(PreemptionCheckpoint())
     if monitor.enabled:
         from mha_lightning.monitor.callback import EntropyMonitor
 
@@ -85,7 +83,7 @@ def build_loggers(cfg: DictConfig, plan: RunPlan | None = None) -> list:
 
 def build_trainer(cfg: DictConfig, plan: RunPlan, loggers: list) -> Any:
     """The run's Trainer: its strategy, callbacks and loggers; on one device, single-file checkpoints
-    written atomically (``AtomicCheckpointIO``). Sharded checkpoints are DCP folders, not a CheckpointIO's."""
+    written atomically (``AtomicCheckpointIO``). Sharded checkpoints are the strategy's own (``build_strategy``)."""
     extra = {}
     if plan.world_size == 1:
         from mha_lightning.checkpoint_io import AtomicCheckpointIO  # here: imports torch and Lightning
@@ -110,7 +108,10 @@ def launcher_rank() -> int | None:
 
 
 def fit(trainer, module, datamodule, plan: RunPlan) -> None:
-    """``trainer.fit`` (resuming ``plan.resume``); a SIGTERM or a non-finite step becomes one error line."""
+    """``trainer.fit`` (resuming ``plan.resume``); a preemption signal or a non-finite step becomes one error line.
+
+    A SIGTERM or SIGUSR1 stops every rank before the same step and saves it (``PreemptionCheckpoint``);
+    the run then ends with :class:`~mha_lightning.errors.Preempted` (exit 143)."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from mha_lightning.preemption import PreemptionCheckpoint
@@ -118,9 +119,11 @@ def fit(trainer, module, datamodule, plan: RunPlan) -> None:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=plan.resume.path if plan.resume else None)
     except SIGTERMException:
-        saved = next((c.saved for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
-        where = f"saved {saved}; resume with ckpt_path={saved}" if saved else "no checkpoint folder to save to"
-        raise Preempted(f"stopped by SIGTERM at step {trainer.global_step}; {where}") from None
+        stop = next((c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
+        name = (stop.signal_name if stop else None) or "SIGTERM"
+        saved = stop.saved if stop else None
+        where = f"saved {saved}; resume=auto (or ckpt_path={saved}) continues it" if saved else "nothing saved"
+        raise Preempted(f"stopped by {name} at step {trainer.global_step}; {where}") from None
     except NonFiniteError as e:
         ckpt = trainer.checkpoint_callback
         last = (ckpt.last_model_path or ckpt.best_model_path) if ckpt is not None else ""
@@ -260,7 +263,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
     except UserError as e:
-        sys.exit(report(e))
+        sys.exit(report(e, launcher_rank()))
     # Sweepers (e.g. Optuna) optimise the returned value.
     objective = cfg.get("optimized_metric")
     return metrics.get(objective) if objective else None

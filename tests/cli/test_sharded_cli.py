@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,9 +20,10 @@ import yaml
 
 from helpers.config import QUIET, compose_train_config, text_overrides
 from helpers.corpus import write_corpus
-from helpers.runs import cli_env, csv_train_rows
+from helpers.runs import cli_env, csv_train_rows, start_mha_train
 from helpers.wandb_offline import find_run_files, read_history, read_run_info
 from mha_lightning import evaluate
+from mha_lightning.checkpoint_folder import MANIFEST, verify
 from mha_lightning.checkpoints import META_FILE, consolidate_main, load_model, read_info
 from mha_lightning.train import METRICS_FILE, train
 
@@ -29,6 +32,7 @@ TP2 = ["trainer.devices=2", "parallel.tensor_parallel_size=2"]
 SMALL = ["data.num_val=100", "data.num_test=100"]
 # Validate (and so checkpoint) every 5 steps; every training step in the CSV log.
 LOGGED = ["trainer.log_every_n_steps=1", "trainer.val_check_interval=5"]
+STEPS = 20
 # Dropout inside the sharded attention and FFN: the resume must bring back every rank's streams.
 DROPOUT = ["model.dropout=0.1", "model.attention_dropout=0.1"]
 
@@ -54,28 +58,34 @@ def launch_torchrun(run_dir: Path, *overrides: str) -> subprocess.CompletedProce
     return subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=300)
 
 
+def preempted_tp2(run_dir: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, int]:
+    """Start a tp=2 run, SIGTERM it once its first checkpoint is complete -> (its result, the step saved)."""
+    proc = start_mha_train(run_dir, *QUIET, *overrides)
+    sealed = run_dir / "checkpoints" / "last.ckpt" / MANIFEST
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not sealed.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    assert result.returncode == 143, f"exit {result.returncode}\n{err[-5000:]}"
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    assert line.startswith("error: stopped by SIGTERM at step ") and str(sealed.parent) in line, line
+    return result, int(line.split("at step ")[1].split(";")[0])
+
+
 @pytest.fixture(scope="module")
 def tp2_runs(tmp_path_factory):
-    """A: 10 steps at tp=2 with dropout, uninterrupted, greedy, CSV + W&B, launched by scripts/launch_torchrun.sh.
-    B: 5 steps, then resumed to 10 from its sharded last.ckpt with beam search; both parts
-    launched by Lightning itself (`python -m mha_lightning.train trainer.devices=2 ...`)."""
+    """A: 20 steps at tp=2 with dropout, uninterrupted, greedy, CSV + W&B, launched by scripts/launch_torchrun.sh.
+    B: the same with resume=auto, launched by Lightning itself (`python -m mha_lightning.train
+    trainer.devices=2 ...`): SIGTERM once its first checkpoint (step 5) is complete, then the same
+    command again, with beam search, finishes it."""
     root = tmp_path_factory.mktemp("tp2")
     a, b = root / "A", root / "B"
-    runs = {"A": ok(launch_torchrun(a, *SMALL, *LOGGED, *DROPOUT, "logger=[csv,wandb]", "trainer.max_steps=10"))}
-    runs["B1"] = ok(mha_train(b, *TP2, *SMALL, *LOGGED, *DROPOUT, "logger=csv", "trainer.max_steps=5", "test=false"))
-    runs["B2"] = ok(
-        mha_train(
-            b,
-            *TP2,
-            *SMALL,
-            *LOGGED,
-            *DROPOUT,
-            "logger=csv",
-            "trainer.max_steps=10",
-            "module.decoding.strategy=beam",
-            f"ckpt_path={b / 'checkpoints' / 'last.ckpt'}",
-        )
-    )
+    runs = {"A": ok(launch_torchrun(a, *SMALL, *LOGGED, *DROPOUT, "logger=[csv,wandb]", f"trainer.max_steps={STEPS}"))}
+    common = [*TP2, *SMALL, *LOGGED, *DROPOUT, "logger=csv", "resume=auto", f"trainer.max_steps={STEPS}"]
+    runs["B1"], runs["stopped_at"] = preempted_tp2(b, *common, "test=false")
+    runs["B2"] = ok(mha_train(b, *common, "module.decoding.strategy=beam"))
     return a, b, runs
 
 
@@ -89,8 +99,8 @@ def test_tp2_trains_validates_tests_and_saves_sharded(tp2_runs):
     for key in ("val/loss", "val/exact_match", "test/loss", "test/exact_match", "test/acc"):
         assert math.isfinite(metrics[key]), key
     losses = csv_train_rows(a)
-    assert sorted(losses) == list(range(10))
-    assert losses[9][0] < losses[0][0]
+    assert sorted(losses) == list(range(STEPS))
+    assert losses[STEPS - 1][0] < losses[0][0]
 
     # The resolved config Hydra saved is the tp=2 one.
     saved = yaml.safe_load((a / ".hydra" / "config.yaml").read_text())
@@ -99,25 +109,31 @@ def test_tp2_trains_validates_tests_and_saves_sharded(tp2_runs):
     # Only global rank 0 talks to W&B: one offline run, every step once, the tp=2 config.
     (run_file,) = find_run_files(a / "wandb")
     history = [r for r in read_history(run_file) if "train/loss" in r]
-    assert [r["trainer/global_step"] for r in history] == list(range(10))
-    assert [r["train/loss"] for r in history] == [losses[s][0] for s in range(10)]
+    assert [r["trainer/global_step"] for r in history] == list(range(STEPS))
+    assert [r["train/loss"] for r in history] == [losses[s][0] for s in range(STEPS)]
     assert read_run_info(run_file)["config"]["run_config"]["parallel"]["tensor_parallel_size"] == 2
 
     last = a / "checkpoints" / "last.ckpt"
     assert last.is_dir() and (last / ".metadata").is_file(), "expected a sharded (DCP) checkpoint folder"
     assert sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-    assert torch.load(last / META_FILE, weights_only=True)["global_step"] == 10
+    assert torch.load(last / META_FILE, weights_only=True)["global_step"] == STEPS
+    assert verify(last) == STEPS  # sealed by its manifest; nothing left in staging
+    assert not [p.name for p in last.parent.iterdir() if p.name.startswith(".")]
     # Loaded whole into a single-device model: every q projection has all 4 heads' rows again.
     model, _ = load_model(last)
     assert tuple(model.encoder_layers[0].self_attn.q.weight.shape) == (64, 64)
 
 
-def test_tp2_resume_matches_uninterrupted(tp2_runs):
-    """Also: torchrun (A) and Lightning's own launcher (B) give the same numbers."""
-    a, b, _ = tp2_runs
+def test_tp2_sigterm_then_resume_auto_matches_uninterrupted(tp2_runs):
+    """SIGTERM at tp=2 saves the step reached on both ranks; resume=auto continues it exactly.
+    Also: torchrun (A) and Lightning's own launcher (B) give the same numbers."""
+    a, b, runs = tp2_runs
+    stopped = runs["stopped_at"]
+    assert 5 < stopped < STEPS, f"stopped at {stopped}: the signal came before the first checkpoint or after the end"
     full, resumed = csv_train_rows(a), csv_train_rows(b, version=1)
-    assert sorted(resumed) == list(range(5, 10)), "the resumed run must continue at step 5"
-    for step in range(5, 10):
+    assert f"resuming {b / 'checkpoints' / 'last.ckpt'} (step {stopped})" in runs["B2"].stdout + runs["B2"].stderr
+    assert sorted(resumed) == list(range(stopped, STEPS)), f"the resumed run must continue at step {stopped}"
+    for step in range(stopped, STEPS):
         assert resumed[step] == full[step], f"step {step}: resumed {resumed[step]} != uninterrupted {full[step]}"
 
 
@@ -128,7 +144,7 @@ def test_tp2_beam_search_validates_and_tests(tp2_runs):
     assert "test/exact_match" in runs["B2"].stdout
     last = b / "checkpoints" / "last.ckpt"
     assert read_info(last).decoding["strategy"] == "beam"
-    assert torch.load(last / META_FILE, weights_only=True)["global_step"] == 10
+    assert torch.load(last / META_FILE, weights_only=True)["global_step"] == STEPS
 
 
 def test_consolidated_checkpoint_evaluates_like_the_sharded_one(tp2_runs, tmp_path, capsys):

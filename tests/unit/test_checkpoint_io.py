@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helpers.config import QUIET, compose_train_config
-from mha_lightning.checkpoint_io import AtomicCheckpointIO, temporary_path
+from mha_lightning.checkpoint_io import AtomicCheckpointIO, AtomicModelParallelStrategy, temporary_path
 from mha_lightning.config import preflight
 from mha_lightning.errors import CheckpointError
 from mha_lightning.train import build_trainer, train
@@ -230,10 +230,10 @@ def test_train_saves_through_atomic_checkpoint_io(tmp_path):
 
 
 def test_sharded_runs_keep_their_own_checkpointing(tmp_path):
-    # ModelParallelStrategy writes DCP folders itself: no single-file CheckpointIO is given to it.
+    # The strategy writes sharded folders itself (staged, then published): no single-file CheckpointIO.
     cfg = compose_train_config(tmp_path / "run", [*SHORT, "trainer.devices=2", "parallel.tensor_parallel_size=2"])
     plan = preflight(cfg)
     assert plan.world_size == 2
     trainer = build_trainer(cfg, plan, loggers=[])
-    assert type(trainer.strategy).__name__ == "ModelParallelStrategy"
+    assert type(trainer.strategy) is AtomicModelParallelStrategy
     assert not isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
