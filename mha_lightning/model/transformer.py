@@ -279,7 +279,8 @@ class Seq2SeqTransformer(nn.Module):
     def set_attention_core(self, make: CoreFactory | None) -> None:
         """Give every attention module the core ``make(kind, layer)`` returns; None restores SDPA.
 
-        The one swap point for probing (entropy), gating (head masks) and caching cores: cores
+        The one swap point for probing (entropy) and gating (head masks) cores (KV caching is an
+        explicit :class:`DecoderCache` instead, docs/design.md, "Decoding with a KV cache"): cores
         hold no parameters, so the sharding plan and checkpoints are the same whichever is in."""
         for kind, mods in self.attention_layers().items():
             for layer, attn in enumerate(mods):
