@@ -1,7 +1,7 @@
 """Decoding speed with and without the KV cache: greedy and beam search, side by side in one run.
 
     python scripts/bench_decode.py                           # small preset, 64 sentences, 3 rounds
-    python scripts/bench_decode.py --model tiny --rounds 5 --out bench_decode.json
+    python scripts/bench_decode.py --model tiny --rounds 5 --threads 1 --out bench_out/tiny.json
 
 The model is a preset of conf/model (default ``small``: d_model 256, 8 heads, 3+3 layers,
 FFN 512) with the text data's vocabulary (8000), **randomly initialised**: random weights
@@ -63,7 +63,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("bench_decode.json"), help="where the JSON results go")
+    p.add_argument("--out", type=Path, default=Path("bench_out/bench_decode.json"), help="the JSON results")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,6 +130,7 @@ def main() -> None:
             "speedup": cached / full,
         }
         print(f"{strategy:<10}{cached:>15.1f}{full:>17.1f}{cached / full:>9.2f}x")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"results: {args.out}")
 
