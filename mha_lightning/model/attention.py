@@ -8,12 +8,16 @@ The projections live in :class:`MultiHeadAttention`; what happens between them (
 softmax, dropout, the weighted sum) is ``self.core``, a parameter-free module that the
 monitor, analysis and speed work swap in without touching ``forward`` or the sharding plan
 (docs/design.md, "The model and the attention core").
+
+Incremental decoding passes a :class:`KVCache` per attention module (docs/design.md,
+"Decoding with a KV cache"): an explicit object the decoding loop owns, not module state.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -79,6 +83,35 @@ def attention_probs(q: Tensor, k: Tensor, mask: AttentionMask) -> Tensor:
     return torch.softmax(scores, dim=-1)
 
 
+@dataclass
+class KVCache:
+    """The keys and values one attention module has computed so far while decoding.
+
+    ``keys`` and ``values`` are (B, H_local, T, hd), None before the first step. Under tensor
+    parallelism they hold this rank's heads only (the projections' local outputs).
+    Self-attention appends one position per step; cross-attention fills it once from the
+    encoder memory and then only reads it."""
+
+    keys: Tensor | None = None
+    values: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """Cached positions (0 when empty)."""
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add positions k, v (B, H_local, T_new, hd) after the cached ones -> all keys and values."""
+        self.keys = k if self.keys is None else torch.cat([self.keys, k], dim=2)
+        self.values = v if self.values is None else torch.cat([self.values, v], dim=2)
+        return self.keys, self.values
+
+    def reorder(self, rows: Tensor) -> None:
+        """Keep batch rows ``rows`` (1-D indices), in that order: beam search's surviving beams."""
+        if self.keys is not None and self.values is not None:
+            self.keys, self.values = self.keys[rows], self.values[rows]  # (B', H_local, T, hd)
+
+
 class MultiHeadAttention(nn.Module):
     """q, k, v, o projections around ``self.core`` (default :class:`SDPACore`)."""
 
@@ -102,17 +135,32 @@ class MultiHeadAttention(nn.Module):
         self.core: nn.Module = SDPACore()
 
     @override
-    def forward(self, x: Tensor, *, mask: AttentionMask, memory: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, *, mask: AttentionMask, memory: Tensor | None = None, cache: KVCache | None = None
+    ) -> Tensor:
         """x: (B, Tq, D) queries; memory: (B, Tk, D) keys/values, None for self-attention.
 
-        ``mask`` and ``memory`` are keyword-only: the tensor-parallel plan names its inputs,
-        so a new argument can never shift a layout onto the wrong tensor."""
-        kv = x if memory is None else memory
+        ``mask``, ``memory`` and ``cache`` are keyword-only: the tensor-parallel plan names its
+        inputs, so a new argument can never shift a layout onto the wrong tensor (``cache`` is no
+        tensor and passes through the plan untouched). With a ``cache``, self-attention appends
+        x's keys and values to it and attends over all of them (``mask`` covers every cached
+        key); cross-attention projects ``memory`` only when the cache is empty."""
         B, Tq, _ = x.shape
-        Tk = kv.shape[1]
-        q = self.q(x).view(B, Tq, -1, self.head_dim).transpose(1, 2)  # (B, H_local, Tq, hd)
-        k = self.k(kv).view(B, Tk, -1, self.head_dim).transpose(1, 2)  # (B, H_local, Tk, hd)
-        v = self.v(kv).view(B, Tk, -1, self.head_dim).transpose(1, 2)  # (B, H_local, Tk, hd)
+        q = self._heads(self.q(x))  # (B, H_local, Tq, hd)
+        if cache is not None and memory is not None and cache.length:
+            k, v = cache.keys, cache.values  # the memory's keys and values: fixed for the whole sentence
+        else:
+            kv = x if memory is None else memory
+            k, v = self._heads(self.k(kv)), self._heads(self.v(kv))  # (B, H_local, Tk, hd)
+            if cache is not None:
+                k, v = cache.append(k, v)
+        # Cached or not, the core computes the attention, so a probing core observes decoding too.
         out = self.core(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, H_local, Tq, hd)
         out = out.transpose(1, 2).reshape(B, Tq, -1)  # (B, Tq, H_local * hd)
         return self.o(out)
+
+    def _heads(self, projected: Tensor) -> Tensor:
+        """(B, T, H_local * hd) -> (B, H_local, T, hd); the head count comes from the tensor, so a
+        tensor-parallel shard simply has fewer heads."""
+        B, T, _ = projected.shape
+        return projected.view(B, T, -1, self.head_dim).transpose(1, 2)

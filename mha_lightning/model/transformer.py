@@ -2,6 +2,10 @@
 
 Single-device code: nothing here knows about distribution. ``mha_lightning.parallel``
 shards the attention and FFN Linears of these blocks in place.
+
+Decoding runs incrementally by default: a :class:`DecoderCache` keeps every decoder
+attention's keys and values, so each step feeds only the newest token through the decoder
+(docs/design.md, "Decoding with a KV cache").
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +21,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from mha_lightning.errors import ConfigError
-from mha_lightning.model.attention import AttentionMask, MultiHeadAttention, SDPACore
+from mha_lightning.model.attention import AttentionMask, KVCache, MultiHeadAttention, SDPACore
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
@@ -130,6 +134,42 @@ class EncoderLayer(nn.Module):
         return self.ffn_block(x, self.ffn)
 
 
+@dataclass
+class LayerCache:
+    """The two attention caches of one decoder layer."""
+
+    self_attn: KVCache = field(default_factory=KVCache)
+    cross_attn: KVCache = field(default_factory=KVCache)
+
+
+@dataclass
+class DecoderCache:
+    """Everything incremental decoding keeps between steps: one :class:`LayerCache` per decoder layer.
+
+    The decoding loop creates it, passes it to :meth:`Seq2SeqTransformer.decode` every step and
+    drops it at the end; the modules never hold it."""
+
+    layers: list[LayerCache]
+
+    @classmethod
+    def empty(cls, num_layers: int) -> DecoderCache:
+        """A cache for a new batch of sentences."""
+        return cls([LayerCache() for _ in range(num_layers)])
+
+    @property
+    def length(self) -> int:
+        """Target positions already decoded (the position of the next token fed in)."""
+        return self.layers[0].self_attn.length
+
+    def reorder(self, rows: Tensor) -> None:
+        """Keep batch rows ``rows`` of the self-attention caches (beam search's surviving beams).
+
+        The cross-attention caches stay: beams only move within their sentence, whose rows all
+        hold the same memory, and the uncached path, too, pairs row i with memory row i."""
+        for layer in self.layers:
+            layer.self_attn.reorder(rows)
+
+
 class DecoderLayer(nn.Module):
     """Causal self-attention, cross-attention over the encoder memory, then feed-forward."""
 
@@ -143,10 +183,18 @@ class DecoderLayer(nn.Module):
         self.ffn_block = Residual(cfg.d_model, cfg.dropout, cfg.norm_first)
 
     @override
-    def forward(self, y: Tensor, memory: Tensor, self_mask: AttentionMask, cross_mask: AttentionMask) -> Tensor:
-        """y: (B, T, D), memory: (B, S, D) -> (B, T, D)."""
-        y = self.self_block(y, lambda h: self.self_attn(h, mask=self_mask))
-        y = self.cross_block(y, lambda h: self.cross_attn(h, mask=cross_mask, memory=memory))
+    def forward(
+        self,
+        y: Tensor,
+        memory: Tensor,
+        self_mask: AttentionMask,
+        cross_mask: AttentionMask,
+        cache: LayerCache | None = None,
+    ) -> Tensor:
+        """y: (B, T, D), memory: (B, S, D) -> (B, T, D); with ``cache``, y holds only the new positions."""
+        self_cache, cross_cache = (None, None) if cache is None else (cache.self_attn, cache.cross_attn)
+        y = self.self_block(y, lambda h: self.self_attn(h, mask=self_mask, cache=self_cache))
+        y = self.cross_block(y, lambda h: self.cross_attn(h, mask=cross_mask, memory=memory, cache=cross_cache))
         return self.ffn_block(y, self.ffn)
 
 
@@ -176,12 +224,13 @@ class Embedder(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     @override
-    def forward(self, ids: Tensor) -> Tensor:
-        """ids: (B, T) -> (B, T, D); ValueError when T exceeds ``max_len``."""
-        T = ids.shape[1]
-        if T > self.max_len:
-            raise ValueError(f"sequence length {T} exceeds model.max_len ({self.max_len})")
-        pos = self.learned_positions.weight[:T] if hasattr(self, "learned_positions") else self.sinusoid[:T]
+    def forward(self, ids: Tensor, start: int = 0) -> Tensor:
+        """ids: (B, T) at positions start .. start + T - 1 -> (B, T, D); ValueError past ``max_len``."""
+        end = start + ids.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"sequence length {end} exceeds model.max_len ({self.max_len})")
+        table = self.learned_positions.weight if hasattr(self, "learned_positions") else self.sinusoid
+        pos = table[start:end]
         return self.dropout(self.tokens(ids) * self.scale + pos)
 
 
@@ -230,7 +279,8 @@ class Seq2SeqTransformer(nn.Module):
     def set_attention_core(self, make: CoreFactory | None) -> None:
         """Give every attention module the core ``make(kind, layer)`` returns; None restores SDPA.
 
-        The one swap point for probing (entropy), gating (head masks) and caching cores: cores
+        The one swap point for probing (entropy) and gating (head masks) cores (KV caching is an
+        explicit :class:`DecoderCache` instead, docs/design.md, "Decoding with a KV cache"): cores
         hold no parameters, so the sharding plan and checkpoints are the same whichever is in."""
         for kind, mods in self.attention_layers().items():
             for layer, attn in enumerate(mods):
@@ -258,16 +308,23 @@ class Seq2SeqTransformer(nn.Module):
             x = layer(x, mask)
         return self.encoder_norm(x), src_valid
 
-    def decode(self, tgt_in: Tensor, memory: Tensor, src_valid: Tensor) -> Tensor:
-        """tgt_in: (B, T) ids starting with BOS -> logits (B, T, V)."""
+    def decode(self, tgt_in: Tensor, memory: Tensor, src_valid: Tensor, cache: DecoderCache | None = None) -> Tensor:
+        """tgt_in: (B, T) ids starting with BOS -> logits (B, T - start, V) of positions start .. T - 1.
+
+        Without ``cache`` start is 0 (every position). With one, start is ``cache.length``: only
+        the positions not yet cached run through the decoder (their keys and values are added
+        to the cache) and attend to the cached ones."""
         T = tgt_in.shape[1]
-        tgt_valid = tgt_in != self.config.pad_id
-        causal = torch.ones(T, T, dtype=torch.bool, device=tgt_in.device).tril()
-        self_mask = AttentionMask(keys=causal.unsqueeze(0) & tgt_valid.unsqueeze(1), queries=tgt_valid)  # (B, T, T)
-        cross_mask = AttentionMask(keys=src_valid.unsqueeze(1), queries=tgt_valid)  # (B, 1, S)
-        y = self.tgt_embed(tgt_in)
-        for layer in self.decoder_layers:
-            y = layer(y, memory, self_mask, cross_mask)
+        start = 0 if cache is None else cache.length
+        tgt_valid = tgt_in != self.config.pad_id  # (B, T)
+        new_valid = tgt_valid[:, start:]  # (B, T - start): the queries
+        causal = torch.ones(T, T, dtype=torch.bool, device=tgt_in.device).tril()[start:]  # (T - start, T)
+        self_mask = AttentionMask(keys=causal.unsqueeze(0) & tgt_valid.unsqueeze(1), queries=new_valid)
+        cross_mask = AttentionMask(keys=src_valid.unsqueeze(1), queries=new_valid)  # (B, 1, S)
+        y = self.tgt_embed(tgt_in[:, start:], start=start)
+        layer_caches = [None] * len(self.decoder_layers) if cache is None else cache.layers
+        for layer, layer_cache in zip(self.decoder_layers, layer_caches, strict=True):
+            y = layer(y, memory, self_mask, cross_mask, layer_cache)
         return self.output(self.decoder_norm(y))
 
     @override
@@ -285,11 +342,15 @@ class Seq2SeqTransformer(nn.Module):
         beam_size: int = 1,
         length_penalty: float = 0.6,
         sync_done: DoneSync | None = None,
+        *,
+        use_cache: bool = True,
     ) -> Tensor:
         """Greedy (beam_size 1) or beam search -> (B, L) ids without BOS, PAD after EOS."""
         if beam_size > 1:
-            return self.beam_decode(src, max_len, bos_id, eos_id, beam_size, length_penalty, sync_done)
-        return self.greedy_decode(src, max_len, bos_id, eos_id, sync_done)
+            return self.beam_decode(
+                src, max_len, bos_id, eos_id, beam_size, length_penalty, sync_done, use_cache=use_cache
+            )
+        return self.greedy_decode(src, max_len, bos_id, eos_id, sync_done, use_cache=use_cache)
 
     def _never_emit(self, logits: Tensor, bos_id: int) -> Tensor:
         """PAD and BOS are never real output tokens (PAD only follows EOS, added by the loop)."""
@@ -297,17 +358,31 @@ class Seq2SeqTransformer(nn.Module):
         logits[:, [self.config.pad_id, bos_id]] = float("-inf")
         return logits
 
+    def _decoding_cache(self, use_cache: bool) -> DecoderCache | None:
+        return DecoderCache.empty(len(self.decoder_layers)) if use_cache else None
+
     @torch.no_grad()
     def greedy_decode(
-        self, src: Tensor, max_len: int, bos_id: int, eos_id: int, sync_done: DoneSync | None = None
+        self,
+        src: Tensor,
+        max_len: int,
+        bos_id: int,
+        eos_id: int,
+        sync_done: DoneSync | None = None,
+        *,
+        use_cache: bool = True,
     ) -> Tensor:
-        """Batched greedy decoding -> (B, L) ids without BOS, PAD after EOS."""
+        """Batched greedy decoding -> (B, L) ids without BOS, PAD after EOS.
+
+        ``use_cache=False`` runs the whole prefix through the decoder at every step instead of
+        only the newest token: the reference the cached path must equal, token for token."""
         memory, src_valid = self.encode(src)
+        cache = self._decoding_cache(use_cache)
         B = src.shape[0]
         ys = torch.full((B, 1), bos_id, dtype=torch.long, device=src.device)
         finished = torch.zeros(B, dtype=torch.bool, device=src.device)
         for _ in range(min(max_len, self.config.max_len - 1)):
-            logits = self._never_emit(self.decode(ys, memory, src_valid)[:, -1], bos_id)
+            logits = self._never_emit(self.decode(ys, memory, src_valid, cache)[:, -1], bos_id)
             next_token = logits.argmax(-1)
             next_token = next_token.masked_fill(finished, self.config.pad_id)
             ys = torch.cat([ys, next_token.unsqueeze(1)], dim=1)
@@ -326,11 +401,14 @@ class Seq2SeqTransformer(nn.Module):
         beam_size: int = 4,
         length_penalty: float = 0.6,
         sync_done: DoneSync | None = None,
+        *,
+        use_cache: bool = True,
     ) -> Tensor:
         """Batched beam search with GNMT length penalty ((5 + len) / 6) ** alpha.
 
         A beam that emitted EOS is frozen: it only extends with PAD at no cost, so it keeps
-        its slot and score until the final, length-normalised choice."""
+        its slot and score until the final, length-normalised choice. All sentences' beams run
+        as one batch of B * K rows; ``use_cache`` as in :meth:`greedy_decode`."""
         pad = self.config.pad_id
         memory, src_valid = self.encode(src)
         B, K = src.shape[0], beam_size
@@ -341,8 +419,9 @@ class Seq2SeqTransformer(nn.Module):
         scores[:, 0] = 0.0  # all beams start identical: keep one alive
         finished = torch.zeros(B * K, dtype=torch.bool, device=src.device)
         lengths = torch.zeros(B * K, device=src.device)
+        cache = self._decoding_cache(use_cache)
         for _ in range(min(max_len, self.config.max_len - 1)):
-            logits = self._never_emit(self.decode(ys, memory, src_valid)[:, -1].float(), bos_id)
+            logits = self._never_emit(self.decode(ys, memory, src_valid, cache)[:, -1].float(), bos_id)
             logp = F.log_softmax(logits, dim=-1)  # (B*K, V)
             V = logp.shape[-1]
             frozen = torch.full_like(logp, float("-inf"))
@@ -354,6 +433,8 @@ class Seq2SeqTransformer(nn.Module):
             token = (flat % V).view(-1)
             beam = beam.view(-1)
             ys = torch.cat([ys[beam], token.unsqueeze(1)], dim=1)
+            if cache is not None:
+                cache.reorder(beam)  # each surviving beam continues from its parent's keys and values
             was_finished = finished[beam]
             lengths = lengths[beam] + (~was_finished).float()
             finished = was_finished | (token == eos_id)

@@ -116,11 +116,17 @@ def try_torch_clip(model: nn.Module) -> tuple[str, str]:
 
 
 def decode_both(model: nn.Module, src: Tensor, in_lockstep: bool) -> dict[str, Tensor]:
+    """Greedy and beam decoding, each with the KV cache (the default) and as full recompute ("..._uncached")."""
     sync = (lambda done: parallel.all_done(done, src.device)) if in_lockstep else None
-    return {
-        "greedy": model.greedy_decode(src, DECODE_LEN, BOS_ID, EOS_ID, sync_done=sync),
-        "beam": model.beam_decode(src, DECODE_LEN, BOS_ID, EOS_ID, beam_size=3, sync_done=sync),
-    }
+    out = {}
+    for use_cache, suffix in ((True, ""), (False, "_uncached")):
+        out["greedy" + suffix] = model.greedy_decode(
+            src, DECODE_LEN, BOS_ID, EOS_ID, sync_done=sync, use_cache=use_cache
+        )
+        out["beam" + suffix] = model.beam_decode(
+            src, DECODE_LEN, BOS_ID, EOS_ID, beam_size=3, sync_done=sync, use_cache=use_cache
+        )
+    return out
 
 
 # --------------------------------------------------------------------------- workers
@@ -313,6 +319,9 @@ def test_tp2_decoding_matches_unsharded(tp_world):
             ids = out["ref_decoded"][strategy]
             assert len(set(ids.flatten().tolist())) > 4 and (ids == EOS_ID).any()  # not degenerate
             assert torch.equal(out["decoded"][strategy], ids), strategy
+            # The KV cache (local heads on each rank) changes no token, sharded or not.
+            assert torch.equal(out["decoded"][f"{strategy}_uncached"], ids), strategy
+            assert torch.equal(out["ref_decoded"][f"{strategy}_uncached"], ids), strategy
 
 
 # --------------------------------------------------------------------------- 4. dp=2 x tp=2
@@ -372,6 +381,7 @@ def test_dp2_tp2_decoding_in_lockstep(dp_tp_world):
         for out in dp_tp_world:
             ids, ref = out["decoded"][strategy], out["ref_decoded"][strategy]
             assert torch.equal(ids, F.pad(ref, (0, ids.shape[1] - ref.shape[1]), value=PAD_ID)), strategy
+            assert torch.equal(out["decoded"][f"{strategy}_uncached"], ids), strategy  # cache on/off alike
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Seq2SeqTransformer: masking, causality, head_dim, decoding, config validation, init."""
+"""Seq2SeqTransformer: masking, causality, head_dim, decoding (full and cached), config validation, init."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from helpers.models import TINY, tiny
 from mha_lightning.data.batching import collate
 from mha_lightning.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from mha_lightning.errors import ConfigError
-from mha_lightning.model import ProbingCore, SDPACore, Seq2SeqTransformer
+from mha_lightning.model import DecoderCache, ProbingCore, SDPACore, Seq2SeqTransformer
 
 
 def all_attention(model):
@@ -217,6 +217,121 @@ def test_beam_output_shapes_and_content(reverser):
         assert ((out >= 0) & (out < TINY["vocab_size"])).all()
     # max_len is capped by the model's positional range (BOS takes one position).
     assert untrained.greedy_decode(src, 100, BOS_ID, EOS_ID).shape[1] <= TINY["max_len"] - 1
+
+
+# ----------------------------------------------------------------------------- cached decoding
+# Eight random sources of 2-9 tokens (padded in one batch), for a model trained 40 steps to
+# reverse them: unsure enough that beams overtake each other (the cache must follow them), sure
+# enough to emit varied tokens and EOS at different steps.
+_g = torch.Generator().manual_seed(0)
+RANDOM_SOURCES = [
+    torch.randint(4, 20, (int(n),), generator=_g).tolist() for n in torch.randint(2, 10, (8,), generator=_g)
+]
+CACHE_CONFIGS = {"pre_ln": {}, "post_ln": {"norm_first": False}, "learned_positions": {"positional": "learned"}}
+
+
+def half_trained(**overrides) -> tuple[Seq2SeqTransformer, torch.Tensor]:
+    """A tiny model trained briefly to reverse RANDOM_SOURCES, and those sources (B, S) padded."""
+    model = tiny(**overrides).train()
+    batch = collate([(s, s[::-1]) for s in RANDOM_SOURCES])
+    fit(model, batch, steps=40)
+    return model.eval(), batch["src"]
+
+
+def step_by_step(model, tgt_in, memory, src_valid) -> tuple[torch.Tensor, DecoderCache, list]:
+    """Feed tgt_in one position at a time through a cache -> (logits (B, T, V), cache, per-step shapes)."""
+    cache = DecoderCache.empty(len(model.decoder_layers))
+    logits, shapes = [], []
+    for t in range(1, tgt_in.shape[1] + 1):
+        logits.append(model.decode(tgt_in[:, :t], memory, src_valid, cache))
+        shapes.append([(c.self_attn.keys.shape, c.cross_attn.keys.shape) for c in cache.layers])
+    return torch.cat(logits, dim=1), cache, shapes
+
+
+@pytest.mark.parametrize("overrides", CACHE_CONFIGS.values(), ids=CACHE_CONFIGS.keys())
+def test_cached_decoding_emits_the_same_tokens_as_full_recompute(overrides):
+    model, src = half_trained(**overrides)
+    assert (src == PAD_ID).any()  # padded sources
+    for beam_size in (1, 3):
+        cached = model.generate(src, 12, BOS_ID, EOS_ID, beam_size=beam_size)
+        full = model.generate(src, 12, BOS_ID, EOS_ID, beam_size=beam_size, use_cache=False)
+        assert torch.equal(cached, full), beam_size
+        # Not degenerate: varied tokens, and rows that end with EOS at different steps.
+        assert len(set(cached.flatten().tolist())) > 10 and (cached == EOS_ID).any()
+        assert len(set((cached != PAD_ID).sum(1).tolist())) > 3
+
+
+@pytest.mark.parametrize("overrides", [*CACHE_CONFIGS.values(), {"head_dim": 16}], ids=[*CACHE_CONFIGS, "head_dim"])
+def test_cache_grows_one_position_per_step_and_matches_teacher_forcing(overrides):
+    model = tiny(**overrides)
+    batch = collate(PAIRS)  # padded sources and targets
+    B, S, T = 3, batch["src"].shape[1], batch["tgt_in"].shape[1]
+    heads, head_dim = model.config.num_heads, model.config.head_dim
+    with torch.no_grad():
+        memory, src_valid = model.encode(batch["src"])
+        full = model.decode(batch["tgt_in"], memory, src_valid)
+        stepped, cache, shapes = step_by_step(model, batch["tgt_in"], memory, src_valid)
+    for t, per_layer in enumerate(shapes):
+        for self_keys, cross_keys in per_layer:
+            assert self_keys == (B, heads, t + 1, head_dim)
+            assert cross_keys == (B, heads, S, head_dim)
+    assert cache.length == T
+    valid = batch["tgt_in"] != PAD_ID
+    assert_close(stepped[valid], full[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_reordered_cache_continues_each_row_from_its_parent():
+    model = tiny()
+    # Three beams of one sentence (one source, three target prefixes of different lengths): beams
+    # never leave their sentence, so the cross-attention cache needs no reordering.
+    batch = collate([(PAIRS[1][0], target) for _, target in PAIRS])
+    rows = torch.tensor([2, 0, 0])  # a beam dropped, one duplicated, the order changed
+    nxt = torch.tensor([[9], [10], [11]])
+    with torch.no_grad():
+        memory, src_valid = model.encode(batch["src"])
+        _, cache, _ = step_by_step(model, batch["tgt_in"], memory, src_valid)
+        cache.reorder(rows)
+        ys = torch.cat([batch["tgt_in"][rows], nxt], dim=1)
+        cached = model.decode(ys, memory, src_valid, cache)[:, -1]
+        full = model.decode(ys, memory, src_valid)[:, -1]
+    assert_close(cached, full, atol=1e-5, rtol=1e-5)
+    # The reorder mattered: without it the continuations differ.
+    _, stale, _ = step_by_step(model, batch["tgt_in"], memory, src_valid)
+    with torch.no_grad():
+        assert (model.decode(ys, memory, src_valid, stale)[:, -1] - full).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_cross_attention_keys_are_projected_once_per_batch(beam_size):
+    model = tiny()  # untrained: some rows never emit EOS, so decoding runs to max_len
+    src = collate(PAIRS)["src"]
+    calls = [0] * len(model.decoder_layers)
+    hooks = [
+        layer.cross_attn.k.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, layer in enumerate(model.decoder_layers)
+    ]
+    steps = model.generate(src, 6, BOS_ID, EOS_ID, beam_size=beam_size, use_cache=False).shape[1]
+    assert steps == 6 and calls == [steps] * len(calls)  # the full recompute projects the memory every step
+    calls[:] = [0] * len(calls)
+    model.generate(src, 6, BOS_ID, EOS_ID, beam_size=beam_size)
+    for hook in hooks:
+        hook.remove()
+    assert calls == [1] * len(calls)
+
+
+def test_probing_core_sees_cached_decoding():
+    model = tiny()
+    seen = []
+    src = collate(PAIRS)["src"]
+
+    def make(kind, layer):
+        return ProbingCore(lambda probs, mask: seen.append(probs) if (kind, layer) == ("dec_self", 0) else None)
+
+    with model.attention_core(make):
+        out = model.greedy_decode(src, 5, BOS_ID, EOS_ID)
+    # One query (the newest token) per step, over every position decoded so far.
+    assert [p.shape for p in seen] == [(3, 4, 1, t + 1) for t in range(out.shape[1])]
+    assert all(torch.allclose(p.sum(-1), torch.ones(3, 4, 1)) for p in seen)
 
 
 # ----------------------------------------------------------------------------- validation
