@@ -1,4 +1,5 @@
-"""SIGTERM (a preemption notice) saves the current step and exits 143; resuming continues exactly."""
+"""SIGUSR1 (SLURM's --signal notice) saves the current step and exits 143; resuming continues exactly.
+SIGTERM takes the same path; tests/cli/test_sharded_cli.py sends it to a tp=2 run."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def mha_train(run_dir: Path, *overrides: str) -> subprocess.Popen:
     return start_mha_train(run_dir, *COMMON, *overrides)
 
 
-def test_sigterm_saves_the_current_step_and_the_resume_continues_exactly(tmp_path):
+def test_sigusr1_saves_the_current_step_and_the_resume_continues_exactly(tmp_path):
     run = tmp_path / "run"
     proc = mha_train(run, "trainer.max_steps=100000")
     metrics = run / "csv" / "version_0" / "metrics.csv"
@@ -36,12 +37,12 @@ def test_sigterm_saves_the_current_step_and_the_resume_continues_exactly(tmp_pat
     while time.monotonic() < deadline and len(csv_train_rows(run)) < 15:  # CSV rows land every 10 steps
         time.sleep(0.5)
     assert metrics.exists(), "the run never started logging"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
     (line,) = [x for x in err.splitlines() if x.startswith("error:")]
     last = run / "checkpoints" / "last.ckpt"
-    assert "stopped by SIGTERM at step" in line and str(last) in line, line
+    assert "stopped by SIGUSR1 at step" in line and str(last) in line, line
     step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
     assert step == int(line.split("at step ")[1].split(";")[0]) and step >= 10
 
