@@ -8,9 +8,10 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 USER_ERROR_EXIT = 2  # like argparse's usage errors
 
@@ -49,6 +50,21 @@ class NonFiniteError(UserError):
 
     exit_code = 3
     every_rank = True
+
+
+class RankLost(UserError):
+    """A collective failed: another rank hung past ``parallel.timeout_minutes`` or died."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, workers: Any = None) -> None:
+        super().__init__(message)
+        self.workers = workers  # the Lightning launcher that started this process's workers, if any
+
+    def end_workers(self) -> None:
+        """SIGKILL the worker processes this process started (a hung one ignores anything milder)."""
+        if self.workers is not None:
+            self.workers.kill(signal.SIGKILL)
 
 
 def report(error: UserError, rank: int | None = None) -> int:

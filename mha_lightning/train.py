@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mha_lightning.config import MonitorConfig, RunPlan, instantiate, preflight
-from mha_lightning.errors import NonFiniteError, Preempted, UserError, report
+from mha_lightning.errors import NonFiniteError, Preempted, RankLost, UserError, report
 
 log = logging.getLogger(__name__)
 CONFIG_PATH = "pkg://mha_lightning.conf"
@@ -55,12 +55,17 @@ def build_strategy(plan: RunPlan) -> Any:
     )
 
 
-def build_callbacks(cfg: DictConfig, monitor: MonitorConfig) -> list:
-    """The configured callbacks, the preemption stop (SIGTERM, SIGUSR1), and the monitor if enabled."""
+def build_callbacks(cfg: DictConfig, monitor: MonitorConfig, world_size: int = 1) -> list:
+    """The configured callbacks, the preemption checkpoint (SIGTERM, SIGUSR1), each rank's progress
+    note when there are several, and the monitor if enabled."""
     from mha_lightning.preemption import PreemptionCheckpoint
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks.append(PreemptionCheckpoint())
+    if world_size > 1:
+        from mha_lightning.heartbeat import Heartbeat
+
+        callbacks.append(Heartbeat(cfg.paths.output_dir))
     if monitor.enabled:
         from mha_lightning.monitor.callback import EntropyMonitor
 
@@ -92,7 +97,7 @@ def build_trainer(cfg: DictConfig, plan: RunPlan, loggers: list) -> Any:
     return instantiate(
         cfg.trainer,
         strategy=build_strategy(plan),
-        callbacks=build_callbacks(cfg, plan.monitor),
+        callbacks=build_callbacks(cfg, plan.monitor, plan.world_size),
         logger=loggers or False,
         **extra,
     )
@@ -128,6 +133,37 @@ def fit(trainer, module, datamodule, plan: RunPlan) -> None:
         ckpt = trainer.checkpoint_callback
         last = (ckpt.last_model_path or ckpt.best_model_path) if ckpt is not None else ""
         raise NonFiniteError(f"{e}; last good checkpoint: {last or 'none saved yet'}") from None
+    except Exception as e:
+        if trainer.world_size == 1 or not _is_collective_failure(e):
+            raise
+        raise _rank_lost(trainer, plan) from None
+
+
+def _is_collective_failure(error: Exception) -> bool:
+    """A collective that timed out or lost its peer (gloo raises RuntimeError, NCCL DistBackendError)."""
+    import torch.distributed as dist
+
+    text = str(error)
+    return isinstance(error, dist.DistBackendError) or (
+        isinstance(error, RuntimeError) and any(s in text for s in ("gloo", "NCCL", "Timed out", "Connection closed"))
+    )
+
+
+def _rank_lost(trainer, plan: RunPlan) -> RankLost:
+    """The error for a failed collective, naming the rank that fell silent; it ends this process's
+    worker processes (when Lightning started them) at exit, so none is left waiting."""
+    from mha_lightning.heartbeat import Heartbeat, silent_ranks
+
+    heartbeat = next(c for c in trainer.callbacks if isinstance(c, Heartbeat))
+    who = silent_ranks(heartbeat.folder, trainer.world_size, trainer.global_rank)
+    ckpt = trainer.checkpoint_callback
+    last = (ckpt.last_model_path or ckpt.best_model_path) if ckpt is not None else ""
+    return RankLost(
+        f"rank {trainer.global_rank} waited in a collective that failed at step {trainer.global_step} "
+        f"(parallel.timeout_minutes={plan.parallel.timeout_minutes:g}): {who}; "
+        f"last checkpoint: {last or 'none saved yet'} (resume=auto continues from it)",
+        workers=trainer.strategy.launcher,
+    )
 
 
 def save_final_checkpoint(trainer, module) -> None:
@@ -262,6 +298,12 @@ def _relaunch_sweep_job(cfg: DictConfig) -> dict[str, float]:
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
+    except RankLost as e:
+        # Lightning's launcher watches its workers and SIGKILLs this process too once one of them
+        # ends: report first, then end the (hung) workers and leave at once with our exit code.
+        code = report(e, launcher_rank())
+        e.end_workers()
+        os._exit(code)
     except UserError as e:
         sys.exit(report(e, launcher_rank()))
     # Sweepers (e.g. Optuna) optimise the returned value.
