@@ -4,7 +4,8 @@ A collective that times out (``parallel.timeout_minutes``) tells the waiting ran
 waited; the error names no peer. Each rank therefore writes ``<run dir>/.ranks/rank-<N>.json``
 (step, stage, time, host, pid) at the start of every training and validation batch, and the
 rank whose collective failed reads them all to name the rank that fell silent first
-(docs/design.md, "Faults"). A write is one small file per batch; readers tolerate a torn one.
+(docs/design.md, "Faults"). A write is one small file, at most once a second per rank unless the
+stage changes (a shared filesystem serving many ranks is not flooded); readers tolerate a torn one.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ def beat_path(folder: Path, rank: int) -> Path:
 class Heartbeat(L.Callback):
     """Write this rank's progress (step, stage, time) at every training and validation batch."""
 
-    def __init__(self, output_dir: str | Path) -> None:
+    def __init__(self, output_dir: str | Path, every_seconds: float = 1.0) -> None:
         self.folder = Path(output_dir) / HEARTBEAT_DIR
+        self.every_seconds = every_seconds
+        self._last: tuple[str, float] = ("", 0.0)
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -47,11 +50,15 @@ class Heartbeat(L.Callback):
         self.beat(trainer, "validation")
 
     def beat(self, trainer: L.Trainer, stage: str) -> None:
-        """Record that this rank reached ``stage`` at the current step, now."""
+        """Record that this rank reached ``stage`` at the current step, now (throttled)."""
+        now = time.time()
+        if stage == self._last[0] and now - self._last[1] < self.every_seconds:
+            return
+        self._last = (stage, now)
         record = {
             "step": trainer.global_step,
             "stage": stage,
-            "time": time.time(),
+            "time": now,
             "host": socket.gethostname(),
             "pid": os.getpid(),
         }
