@@ -37,6 +37,22 @@ def reuse_tokenizer(cfg: DictConfig, plan: RunPlan) -> None:
         log.info("reusing the tokenizer of %s: %s", source.path, previous)
 
 
+def save_run_record(cfg: DictConfig) -> None:
+    """Write Hydra's record of the run (``.hydra/config.yaml``, ``hydra.yaml``, ``overrides.yaml``)
+    into the run directory, now that the config is accepted (``hydra.output_subdir`` is null so
+    that Hydra itself writes nothing before the checks: a rejected command leaves a run intact)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    record = Path(hydra_cfg.runtime.output_dir) / ".hydra"
+    record.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, record / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), record / "hydra.yaml")
+    OmegaConf.save(hydra_cfg.overrides.task, record / "overrides.yaml")
+
+
 def build_strategy(plan: RunPlan) -> Any:
     """Lightning's "auto" on one device, else a ModelParallelStrategy over the (dp, tp) mesh whose sharded
     checkpoints appear only when complete (``AtomicModelParallelStrategy``)."""
@@ -185,6 +201,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     plan = preflight(cfg)
     if launcher_rank() in (None, 0):
+        save_run_record(cfg)
         reuse_tokenizer(cfg, plan)
     L.seed_everything(cfg.seed, workers=True)
 

@@ -220,9 +220,13 @@ def _leftover_processes(marker: str) -> list[str]:
 
 
 def test_bad_parallel_config_fails_before_spawning(tmp_path):
-    """One CLI case; every layout check is in tests/unit/test_schemas.py (preflight, in-process)."""
+    """One CLI case; every layout check is in tests/unit/test_schemas.py (preflight, in-process).
+    Pointed at an existing run, the rejected command leaves that run's record untouched."""
     overrides, needles = ["model.num_heads=3", *TP2], ["model.num_heads (3)", "tensor_parallel_size (2)"]
     run = tmp_path / "bad_parallel_run"
+    record = run / ".hydra" / "config.yaml"
+    record.parent.mkdir(parents=True)
+    record.write_text("the config of an earlier run\n")
     proc = mha_train(run, *overrides, "logger=none", timeout=60)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
@@ -232,6 +236,8 @@ def test_bad_parallel_config_fails_before_spawning(tmp_path):
         assert needle in lines[0], lines[0]
     assert "Initializing distributed" not in proc.stdout + proc.stderr
     assert not _leftover_processes(str(run)), _leftover_processes(str(run))
+    assert record.read_text() == "the config of an earlier run\n"
+    assert sorted(p.name for p in record.parent.iterdir()) == ["config.yaml"]
 
 
 def test_missing_text_file_fails_before_spawning(tmp_path):
