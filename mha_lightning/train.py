@@ -14,9 +14,10 @@ from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from mha_lightning.config import MonitorConfig, RunPlan, instantiate, preflight
-from mha_lightning.errors import NonFiniteError, Preempted, RankLost, UserError, report
+from mha_lightning.errors import ConfigError, NonFiniteError, Preempted, RankLost, UserError, report
 
 log = logging.getLogger(__name__)
 CONFIG_PATH = "pkg://mha_lightning.conf"
@@ -323,13 +324,20 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         os._exit(code)
     except UserError as e:
         sys.exit(report(e, launcher_rank()))
+    except OmegaConfBaseException as e:  # e.g. seed=${oops}: an interpolation resolved only now
+        sys.exit(report(ConfigError(" ".join(str(e).split())), launcher_rank()))
     # Sweepers (e.g. Optuna) optimise the returned value.
     objective = cfg.get("optimized_metric")
     return metrics.get(objective) if objective else None
 
 
 def main() -> None:
-    """`mha-train` entry point (Hydra parses the command line)."""
+    """`mha-train` entry point (Hydra parses the command line, once it is known to compose)."""
+    from mha_lightning.overrides import check_command_line
+
+    problem = check_command_line(sys.argv[1:])
+    if problem is not None:
+        sys.exit(report(ConfigError(problem)))
     _hydra_main()
 
 

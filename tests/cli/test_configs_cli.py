@@ -16,6 +16,8 @@ CLI_CASES = {
     "d_model": ["model.d_model=0", "logger=none"],
     "num_heads": ["model.num_heads=0", "logger=none"],
     "task": ["data.task=nope", "logger=none"],
+    "option": ["model=huge", "logger=none"],
+    "interpolation": ["seed=${oops}", "logger=none"],
 }
 
 
@@ -58,7 +60,14 @@ def test_cli_cfg_job_prints_the_composed_config(cli_runs):
 # unwraps a UserError cause, so the user gets one `error:` line and exit code 2, not "Error in call
 # to target ..." with a HYDRA_FULL_ERROR hint and exit code 1.
 @pytest.mark.parametrize(
-    "case, key", [("d_model", "model.d_model"), ("num_heads", "model.num_heads"), ("task", "data.task")]
+    "case, key",
+    [
+        ("d_model", "model.d_model"),
+        ("num_heads", "model.num_heads"),
+        ("task", "data.task"),
+        ("option", "model=huge is not an option of 'model'; choose one of: base, small, tiny"),
+        ("interpolation", "Interpolation key 'oops' not found"),
+    ],
 )
 def test_cli_invalid_value_fails_early_with_one_clear_line(cli_runs, case, key):
     rc, out, err, folder = cli_runs[case]
