@@ -153,7 +153,9 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         if failure is not None and not isinstance(failure, Exception):
             raise failure  # Ctrl-C stays Ctrl-C
         if message is not None:
-            raise CheckpointError(message) from failure
+            error = CheckpointError(message)
+            error.every_rank = True  # the ranks agreed on it: rank 0 alone prints it
+            raise error from failure
 
 
 def _first_line(error: BaseException) -> str:
