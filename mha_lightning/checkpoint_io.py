@@ -70,7 +70,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, target)
         except BaseException as e:
             _remove_quietly(tmp)
-            cause = _os_error(e) if isinstance(e, Exception) else None  # Ctrl-C stays Ctrl-C
+            cause = None if isinstance(e, (KeyboardInterrupt, SystemExit)) else _os_error(e)  # Ctrl-C stays Ctrl-C
             if cause is not None:
                 raise _write_error(target, cause) from e
             raise
@@ -91,12 +91,17 @@ def _os_error(error: BaseException) -> OSError | None:
 
     ``torch.save`` may report a failed write to its file (ENOSPC, EFBIG, EIO) as a ``RuntimeError``
     raised while handling the file's ``OSError``; whether closing the file then raises the
-    ``OSError`` again depends on what was left in its buffer."""
+    ``OSError`` again depends on what was left in its buffer. A sharded save's
+    ``CheckpointException`` carries each rank's exception in ``failures``."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, OSError):
             return error
         seen.add(id(error))
+        for failed, _trace in getattr(error, "failures", {}).values():
+            found = _os_error(failed)
+            if found is not None:
+                return found
         error = error.__cause__ or error.__context__
     return None
 
@@ -145,12 +150,12 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
                 if not written:
                     raise failure if failure is not None else OSError("another rank could not write its shard")
                 publish(staging, target, step)
-            except BaseException as e:
+            except BaseException as e:  # DCP's CheckpointException is a BaseException
                 remove(staging)
-                cause = _os_error(e) if isinstance(e, Exception) else None
+                cause = _os_error(e)
                 message = str(_write_error(target, cause)) if cause is not None else _first_line(e)
         message = self.broadcast(message)
-        if failure is not None and not isinstance(failure, Exception):
+        if isinstance(failure, (KeyboardInterrupt, SystemExit)):
             raise failure  # Ctrl-C stays Ctrl-C
         if message is not None:
             error = CheckpointError(message)

@@ -323,12 +323,31 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         e.end_workers()
         os._exit(code)
     except UserError as e:
-        sys.exit(report(e, launcher_rank()))
+        code = report(e, launcher_rank())
+        if e.every_rank and _is_lightning_worker():
+            _wait_for_main_process()
+        sys.exit(code)
     except OmegaConfBaseException as e:  # e.g. seed=${oops}: an interpolation resolved only now
         sys.exit(report(ConfigError(" ".join(str(e).split())), launcher_rank()))
     # Sweepers (e.g. Optuna) optimise the returned value.
     objective = cfg.get("optimized_metric")
     return metrics.get(objective) if objective else None
+
+
+def _is_lightning_worker() -> bool:
+    """A worker process started by Lightning's own launcher (not by torchrun or srun)."""
+    env = os.environ
+    return "RANK" not in env and "SLURM_PROCID" not in env and int(env.get("LOCAL_RANK", "0")) > 0
+
+
+def _wait_for_main_process(timeout: float = 30.0) -> None:
+    """Let the main process (rank 0) report an error every rank raised, and exit, first: Lightning's
+    launcher watches its workers and SIGKILLs the main process as soon as one ends non-zero."""
+    import time
+
+    parent, deadline = os.getppid(), time.monotonic() + timeout
+    while os.getppid() == parent and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -33,15 +34,31 @@ SMALL = ["data.num_val=100", "data.num_test=100"]
 # Validate (and so checkpoint) every 5 steps; every training step in the CSV log.
 LOGGED = ["trainer.log_every_n_steps=1", "trainer.val_check_interval=5"]
 STEPS = 20
+MiB = 1 << 20
 # Dropout inside the sharded attention and FFN: the resume must bring back every rank's streams.
 DROPOUT = ["model.dropout=0.1", "model.attention_dropout=0.1"]
 
 
-def mha_train(run_dir: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def mha_train(
+    run_dir: Path, *overrides: str, timeout: int = 300, file_size_limit: int | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m mha_lightning.train ...` into ``run_dir``. With ``file_size_limit`` every process
+    of the run (workers inherit it) gets EFBIG when a write would make a file larger: a disk that
+    fills up in the middle of a shard."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, resource.RLIM_INFINITY))
+
     cmd = [sys.executable, "-m", "mha_lightning.train", *QUIET, *overrides, f"hydra.run.dir={run_dir}"]
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     return subprocess.run(
-        cmd, cwd=run_dir.parent, env=cli_env(run_dir.parent), capture_output=True, text=True, timeout=timeout
+        cmd,
+        cwd=run_dir.parent,
+        env=cli_env(run_dir.parent),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=limit if file_size_limit else None,
     )
 
 
@@ -79,13 +96,16 @@ def tp2_runs(tmp_path_factory):
     """A: 20 steps at tp=2 with dropout, uninterrupted, greedy, CSV + W&B, launched by scripts/launch_torchrun.sh.
     B: the same with resume=auto, launched by Lightning itself (`python -m mha_lightning.train
     trainer.devices=2 ...`): SIGTERM once its first checkpoint (step 5) is complete, then the same
-    command again, with beam search, finishes it."""
+    command again, with beam search, finishes it. C: B resumed once more with the disk full."""
     root = tmp_path_factory.mktemp("tp2")
     a, b = root / "A", root / "B"
     runs = {"A": ok(launch_torchrun(a, *SMALL, *LOGGED, *DROPOUT, "logger=[csv,wandb]", f"trainer.max_steps={STEPS}"))}
     common = [*TP2, *SMALL, *LOGGED, *DROPOUT, "logger=csv", "resume=auto", f"trainer.max_steps={STEPS}"]
+    assert common[-1].startswith("trainer.max_steps=")
     runs["B1"], runs["stopped_at"] = preempted_tp2(b, *common, "test=false")
     runs["B2"] = ok(mha_train(b, *common, "module.decoding.strategy=beam"))
+    # C: B's last checkpoint, then a full disk: resumed to step 25, where no rank can write its shard.
+    runs["C"] = mha_train(b, *common[:-1], "trainer.max_steps=25", "test=false", file_size_limit=MiB)
     return a, b, runs
 
 
@@ -145,6 +165,19 @@ def test_tp2_beam_search_validates_and_tests(tp2_runs):
     last = b / "checkpoints" / "last.ckpt"
     assert read_info(last).decoding["strategy"] == "beam"
     assert torch.load(last / META_FILE, weights_only=True)["global_step"] == STEPS
+
+
+def test_full_disk_during_a_sharded_save_is_one_line_and_keeps_the_previous_checkpoint(tp2_runs):
+    _, b, runs = tp2_runs
+    failed = runs["C"]
+    assert failed.returncode == 2, failed.stderr[-5000:]
+    assert "Traceback" not in failed.stderr, failed.stderr[-5000:]
+    (line,) = [x for x in failed.stderr.splitlines() if x.startswith("error:")]
+    assert "cannot write checkpoint" in line and "File too large" in line, line
+    last = b / "checkpoints" / "last.ckpt"
+    assert max(p.stat().st_size for p in last.iterdir()) > MiB  # the shards outgrow the limit
+    assert verify(last) == STEPS, "the previous checkpoint must stay whole"
+    assert not [p.name for p in last.parent.iterdir() if p.name.startswith(".")], "a staging folder was left"
 
 
 def test_consolidated_checkpoint_evaluates_like_the_sharded_one(tp2_runs, tmp_path, capsys):
