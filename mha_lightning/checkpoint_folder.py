@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from mha_lightning.errors import CheckpointError
+from mha_lightning.errors import CheckpointError, first_line
 
 MANIFEST = "manifest.json"
 FORMAT = "mha_lightning.sharded/1"
@@ -181,5 +181,4 @@ def check_metadata(path: Path) -> None:
     try:
         _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
     except Exception as e:  # noqa: BLE001 - any failure means: not DCP metadata we trust
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"refusing {path} ({reason}); only plain checkpoint metadata is loaded") from None
+        raise CheckpointError(f"refusing {path} ({first_line(e)}); only plain checkpoint metadata is loaded") from None

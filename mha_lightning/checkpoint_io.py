@@ -135,8 +135,8 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         """Write ``checkpoint`` (a collective: every rank calls it) to a staging folder, then publish it."""
         if storage_options is not None:  # Lightning's TypeError
             return super().save_checkpoint(checkpoint, filepath, storage_options)
-        target = Path(self.broadcast(str(filepath)))
-        staging = Path(self.broadcast(str(sibling_path(target, "tmp"))))
+        # Rank 0 names both (one collective): every rank writes into the same staging folder.
+        target, staging = map(Path, self.broadcast((str(filepath), str(sibling_path(filepath, "tmp")))))
         step = int(checkpoint.get("global_step", 0))
         failure: BaseException | None = None
         try:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mha_lightning.checkpoint_folder import verify
-from mha_lightning.errors import CheckpointError, exit_on_user_error
+from mha_lightning.errors import CheckpointError, exit_on_user_error, first_line
 
 MODEL_PREFIX = "model."
 # The file in which Lightning's ModelParallelStrategy stores a sharded checkpoint's non-tensor part.
@@ -43,8 +43,7 @@ def _torch_load(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a torn or foreign file: say which and why, in one line
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path} ({reason}); is it a mha-train checkpoint?") from e
+        raise CheckpointError(f"cannot read checkpoint {path} ({first_line(e)}); is it a mha-train checkpoint?") from e
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a mha-train checkpoint")
     return checkpoint

@@ -67,6 +67,12 @@ class RankLost(UserError):
             self.workers.kill(signal.SIGKILL)
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): what a one-line report shows."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def report(error: UserError, rank: int | None = None) -> int:
     """Print ``error`` as one line on stderr; return the exit code for it (2, or the error's own).
 

@@ -35,6 +35,7 @@ class Heartbeat(L.Callback):
         self.folder = Path(output_dir) / HEARTBEAT_DIR
         self.every_seconds = every_seconds
         self._last: tuple[str, float] = ("", 0.0)
+        self._process = {"host": socket.gethostname(), "pid": os.getpid()}
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -59,8 +60,7 @@ class Heartbeat(L.Callback):
             "step": trainer.global_step,
             "stage": stage,
             "time": now,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
+            **self._process,
         }
         try:
             beat_path(self.folder, trainer.global_rank).write_text(json.dumps(record))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from importlib.resources import files
 
+from mha_lightning.errors import first_line
+
 CONFIG_MODULE = "mha_lightning.conf"
 
 
@@ -20,11 +22,6 @@ def group_options(group: str) -> list[str] | None:
     if "/" in group or not folder.is_dir():
         return None
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0].rstrip(".") if text else type(error).__name__
 
 
 def _unknown_option(group: str, name: str, options: list[str]) -> str:
@@ -41,7 +38,7 @@ def _composition_problem(error: Exception) -> str:
         return _unknown_option(group, name, options) if options else f"no config {error.missing_cfg_file}"
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     cause = error.__cause__
-    reason = f" ({_first_line(cause)})" if cause is not None else ""
+    reason = f" ({first_line(cause).rstrip('.')})" if cause is not None else ""
     hint = f"; {lines[1][0].lower()}{lines[1][1:]}" if len(lines) > 1 else ""
     return f"{lines[0].rstrip('.') if lines else type(error).__name__}{reason}{hint}"
 
@@ -66,7 +63,7 @@ def check_command_line(args: list[str], config_name: str = "train") -> str | Non
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
-        return f"cannot parse the overrides: {_first_line(e)}"
+        return f"cannot parse the overrides: {first_line(e).rstrip('.')}"
     first_values = []
     for override in parsed:
         if not override.is_sweep_override():

@@ -23,6 +23,8 @@ import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
+from mha_lightning.parallel import all_max
+
 # Signals that mean "you are about to be stopped": save and leave.
 PREEMPTION_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
 
@@ -59,8 +61,6 @@ class PreemptionCheckpoint(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         received = self._received
         if trainer.world_size > 1:  # every rank ends every step here: the agreement is a collective
-            from mha_lightning.parallel import all_max
-
             received = all_max(received, trainer.strategy.root_device)
         if received:
             self.signal_name = signal.Signals(received).name

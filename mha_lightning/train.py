@@ -147,13 +147,18 @@ def fit(trainer, module, datamodule, plan: RunPlan) -> None:
         where = f"saved {saved}; resume=auto (or ckpt_path={saved}) continues it" if saved else "nothing saved"
         raise Preempted(f"stopped by {name} at step {trainer.global_step}; {where}") from None
     except NonFiniteError as e:
-        ckpt = trainer.checkpoint_callback
-        last = (ckpt.last_model_path or ckpt.best_model_path) if ckpt is not None else ""
-        raise NonFiniteError(f"{e}; last good checkpoint: {last or 'none saved yet'}") from None
+        raise NonFiniteError(f"{e}; last good checkpoint: {_last_checkpoint(trainer)}") from None
     except Exception as e:
         if trainer.world_size == 1 or not _is_collective_failure(e):
             raise
         raise _rank_lost(trainer, plan) from None
+
+
+def _last_checkpoint(trainer) -> str:
+    """The newest checkpoint this run saved, for an error line ("none saved yet" before the first)."""
+    ckpt = trainer.checkpoint_callback
+    last = (ckpt.last_model_path or ckpt.best_model_path) if ckpt is not None else ""
+    return last or "none saved yet"
 
 
 def _is_collective_failure(error: Exception) -> bool:
@@ -173,12 +178,10 @@ def _rank_lost(trainer, plan: RunPlan) -> RankLost:
 
     heartbeat = next(c for c in trainer.callbacks if isinstance(c, Heartbeat))
     who = silent_ranks(heartbeat.folder, trainer.world_size, trainer.global_rank)
-    ckpt = trainer.checkpoint_callback
-    last = (ckpt.last_model_path or ckpt.best_model_path) if ckpt is not None else ""
     return RankLost(
         f"rank {trainer.global_rank} waited in a collective that failed at step {trainer.global_step} "
         f"(parallel.timeout_minutes={plan.parallel.timeout_minutes:g}): {who}; "
-        f"last checkpoint: {last or 'none saved yet'} (resume=auto continues from it)",
+        f"last checkpoint: {_last_checkpoint(trainer)} (resume=auto continues from it)",
         workers=trainer.strategy.launcher,
     )
 
