@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-from lightning.pytorch.loggers import WandbLogger
+if TYPE_CHECKING:
+    from lightning.pytorch.loggers import WandbLogger
 
 
 def wandb_mode(offline: bool | None) -> str:
@@ -16,6 +18,8 @@ def wandb_mode(offline: bool | None) -> str:
 
 def wandb_logger(offline: bool | None = None, save_dir: str = ".", **kwargs) -> WandbLogger:
     """Lightning's WandbLogger, offline unless told otherwise (:func:`wandb_mode`); None-valued kwargs are dropped."""
+    from lightning.pytorch.loggers import WandbLogger  # here: wandb_mode alone must not import Lightning
+
     # Passed as wandb.init(mode=...) rather than WandbLogger(offline=True), which would set
     # WANDB_MODE in os.environ for every later run in this process (e.g. the next sweep job).
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
