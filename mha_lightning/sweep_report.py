@@ -425,6 +425,9 @@ def render_figure(sweep: Sweep, path: Path) -> Path:
         numeric = all(_is_number(v) for v in raw)
         if numeric:
             xs = [float(v) for v in raw]
+            ticks = sorted(set(xs))
+            if len(ticks) <= 12:  # the swept values themselves as ticks (1, 2, 4, 8 rather than 2.5, 5, 7.5)
+                ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         else:  # categories, in the sweep's own order where it is known
             order = [v for v in sweep.swept.get(key, []) if v in raw] + sorted(set(raw) - set(sweep.swept.get(key, [])))
             xs = [order.index(v) for v in raw]
@@ -432,11 +435,12 @@ def render_figure(sweep: Sweep, path: Path) -> Path:
         ys = [j.objective(metric) for j in done]
         ax.scatter(xs, ys, color="tab:blue", zorder=2)
         for x, y, job in zip(xs, ys, done, strict=True):
-            ax.annotate(job.name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.annotate(f"job {job.name}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
             if job is best:
                 ax.scatter([x], [y], marker="*", s=240, color="tab:orange", zorder=3, label=f"best (job {job.name})")
         if best is not None and best in done:
             ax.legend(loc="best", fontsize=8)
+        ax.margins(x=0.15, y=0.15)
         ax.set_xlabel(key)
         ax.set_ylabel(f"{metric} ({'lower' if sweep.objective.direction == 'min' else 'higher'} is better)")
         ax.grid(alpha=0.3)
