@@ -118,7 +118,7 @@ def read_sweep(path: str | Path, metric: str | None = None, direction: str | Non
     if not (path / MULTIRUN_FILE).is_file():
         hint = "a folder that `mha-train -m ...` wrote (hydra.sweep.dir, e.g. logs/train/multiruns/<time>)"
         raise DataError(f"{path} is not a Hydra multirun folder (no {MULTIRUN_FILE}); pass {hint}")
-    config = OmegaConf.load(path / MULTIRUN_FILE)
+    config = _load_yaml(path / MULTIRUN_FILE)
     sweep_args = _sweep_arguments(config)
     swept = {o.key_or_group: _discrete_values(o) for o in _parse(sweep_args, path) if o.is_sweep_override()}
     state = sweep_process_state(path)
@@ -209,17 +209,26 @@ def _read_overrides(path: Path) -> list[str]:
     record = path / ".hydra" / "overrides.yaml"
     if not record.is_file():
         return []
-    return [str(o) for o in OmegaConf.load(record)]
+    return [str(o) for o in _load_yaml(record)]
 
 
 def _value_from_config(path: Path, key: str) -> str:
     """A swept key's value from the job's saved config ("?" where the job saved none yet)."""
     for name in (".hydra/config.yaml", "job_config.yaml"):
         if (path / name).is_file():
-            value = OmegaConf.select(OmegaConf.load(path / name), key, default=None, throw_on_resolution_failure=False)
+            value = OmegaConf.select(_load_yaml(path / name), key, default=None, throw_on_resolution_failure=False)
             if value is not None and not OmegaConf.is_config(value):
                 return str(value)
     return "?"
+
+
+def _load_yaml(path: Path):
+    import yaml
+
+    try:
+        return OmegaConf.load(path)
+    except (OSError, yaml.YAMLError) as e:
+        raise DataError(f"cannot read {path}: {first_line(e)}") from None
 
 
 def _read_json(path: Path) -> dict | None:
