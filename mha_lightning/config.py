@@ -8,6 +8,7 @@ before any worker starts (docs/design.md, "Configuration").
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -188,6 +189,28 @@ def _check_trainer(trainer: Mapping[str, Any]) -> None:
         )
 
 
+def _check_launcher_world(devices: int, num_nodes: int) -> None:
+    """Under torchrun the processes exist before the config is read: trainer.devices and trainer.num_nodes must
+    describe them. Otherwise a devices=1 config runs one whole job per process, all in one run directory, and
+    other mismatches stop in Lightning with a traceback on every rank."""
+    per_node, world = os.environ.get("LOCAL_WORLD_SIZE"), os.environ.get("WORLD_SIZE")  # torchrun sets both
+    if per_node and per_node.isdigit() and int(per_node) != devices:
+        error = ConfigError(
+            f"trainer.devices ({devices}) must equal the processes torchrun starts on each node "
+            f"(--nproc-per-node {per_node}); set trainer.devices={per_node}"
+        )
+    elif world and world.isdigit() and int(world) != devices * num_nodes:
+        error = ConfigError(
+            f"trainer.devices ({devices}) x trainer.num_nodes ({num_nodes}) = {devices * num_nodes} must equal the "
+            f"launcher's world size ({world} processes); set trainer.num_nodes to the number of nodes "
+            f"({int(world) // devices} with {devices} processes each)"
+        )
+    else:
+        return
+    error.every_rank = True  # every rank finds it: rank 0 says it once
+    raise error
+
+
 def _runs_on_cpu(accelerator: str) -> bool:
     if accelerator == "cpu":
         return True
@@ -290,6 +313,7 @@ def preflight(cfg: Any) -> RunPlan:
     validate_parallel_config(
         model.get("num_heads"), model.get("ffn_dim"), dp, tp, trainer.get("devices", 1), trainer.get("num_nodes", 1)
     )
+    _check_launcher_world(trainer.get("devices", 1), trainer.get("num_nodes", 1))
     model = asdict(TransformerConfig(**model))  # the model's own checks, named model.<key>; head_dim resolved
     _check_lengths(c.get("data") or {}, model)
     module = c.get("module") or {}

@@ -211,6 +211,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = instantiate(cfg.data)
     datamodule.check_inputs()
+    # prepare_data writes into the run directory, which every node shares: global rank 0 alone runs it (Lightning's
+    # default, once per node, had two nodes train the tokenizer and write one tokenizer.json at the same time).
+    datamodule.prepare_data_per_node = False
     if plan.world_size > 1 and launcher_rank() is None:
         # Read the data (train the tokenizer) before any worker exists: a bad file then stops this one
         # process with one line, not rank 0 alone while the others fail in a barrier with a traceback.
@@ -245,10 +248,10 @@ def _floats(metrics: dict) -> dict[str, float]:
 
 
 def _finish_wandb(loggers: list) -> None:
-    # A wandb.run left open leaks into the next job of a sweep in this process.
-    import wandb
-
-    if wandb.run is not None:
+    # A wandb.run left open leaks into the next job of a sweep in this process. Never imported: no run
+    # (importing it costs every rank of a run without W&B seconds of CPU).
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
         wandb.finish()
         # finish() can return before the offline run file is complete; teardown waits for it.
         wandb.teardown()
