@@ -60,3 +60,25 @@ def prunable(points: Sequence[int], metric: Sequence[float], baseline: float, to
             break
         best = k
     return best
+
+
+def refine_removable(
+    score_at: Callable[[int], float],
+    points: Sequence[int],
+    metric: Sequence[float],
+    baseline: float,
+    tolerance: float = 0.01,
+) -> int:
+    """:func:`prunable` to the exact head: bisect between the last measured point within ``tolerance``
+    and the next one (``score_at(k)``: the metric with the first k heads of the order removed),
+    assuming the metric does not recover in between (a few decodes instead of one per head)."""
+    low = prunable(points, metric, baseline, tolerance)
+    later = [k for k in points if k > low]
+    high = later[0] if later else low
+    while high - low > 1:
+        middle = (low + high) // 2
+        if score_at(middle) >= baseline * (1.0 - tolerance) - 1e-12:
+            low = middle
+        else:
+            high = middle
+    return low

@@ -206,7 +206,8 @@ def _markdown(results: dict, rows: list[dict], images, map_images) -> str:
             f"Full model: {pruning['metric']} {pruning['baseline']:.4f}. Removing heads in increasing importance, "
             f"**{pruning['removable']['importance']} of {total}** can go before the metric falls more than "
             f"{pruning['tolerance']:.0%} (by entropy: {pruning['removable']['entropy']}; random orders: "
-            f"{', '.join(map(str, randoms))}). Points measured: {pruning['points']}.",
+            f"{', '.join(map(str, randoms))}, counted at the measured points {pruning['points']}; the importance "
+            "order's count is exact, bisected between them).",
             "",
             f"Removing only the most important head ({abl['most_important']['head']}): "
             f"{abl['most_important']['metric']:.4f}; only the least important ({abl['least_important']['head']}): "

@@ -23,7 +23,14 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mha_lightning.analysis.heads import HeadStatistics, measure_heads
-from mha_lightning.analysis.pruning import curve_points, prunable, pruning_curve, random_order, ranked_heads
+from mha_lightning.analysis.pruning import (
+    curve_points,
+    prunable,
+    pruning_curve,
+    random_order,
+    ranked_heads,
+    refine_removable,
+)
 from mha_lightning.data.batching import collate
 from mha_lightning.data.datamodule import strip_ids
 from mha_lightning.data.vocab import EOS_ID
@@ -103,6 +110,10 @@ def prune(stats: HeadStatistics, scorer: TaskScorer, masked: list[Head], cfg: di
         curves[name] = pruning_curve(lambda removed: scorer(masked + removed), heads, points, baseline)
     tolerance = float(cfg["tolerance"])
     removable = {name: prunable(points, curve, baseline, tolerance) for name, curve in curves.items()}
+    # The headline number (least important first) to the exact head, between the measured points.
+    removable["importance"] = refine_removable(
+        lambda k: scorer(masked + order[:k]), points, curves["importance"], baseline, tolerance
+    )
     return {
         "metric": scorer.name,
         "baseline": baseline,
