@@ -154,6 +154,14 @@ def read_sources(data, path: Path, reach: int) -> list[list[int]]:
     return [s[:reach] for s in sources]
 
 
+def remove_heads(model, names: list[str]) -> None:
+    """Gate ``names`` to 0 on top of the model's own ``head_mask`` (one-line ConfigError for a bad name)."""
+    from dataclasses import replace
+
+    config = replace(model.config, head_mask=[*model.config.head_mask, *(n for n in names if n.strip())])
+    model.set_head_mask(config.masked_heads())
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mha-eval", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("checkpoint", help="a .ckpt file or a sharded checkpoint folder")
@@ -164,6 +172,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--length-penalty", type=float, help="default: the checkpoint's")
     p.add_argument("--max-extra-len", type=int, help="default: the checkpoint's")
     p.add_argument("--batch-size", type=int, help="default: the run's data.eval_batch_size")
+    p.add_argument(
+        "--head-mask",
+        default="",
+        help="remove these heads too, comma-separated, e.g. cross/L1/H3,enc_self/L0/H0 (names as in mha-analyze)",
+    )
     return p
 
 
@@ -176,6 +189,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             raise DataError(f"--beam must be at least 1, got {args.beam}")
         overrides.update(strategy="beam" if args.beam > 1 else "greedy", beam_size=args.beam)
     module, info = build_module(args.checkpoint, overrides)
+    if args.head_mask:
+        remove_heads(module.model, args.head_mask.split(","))
     data = build_datamodule(info, args.batch_size)
     result: dict[str, Any] = {}
     if args.input is not None:

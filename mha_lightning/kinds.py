@@ -1,4 +1,34 @@
 """The three kinds of attention in an encoder-decoder, named once for the model, the monitor and
-the entropy record (a module of its own so that reading a record does not import torch)."""
+the entropy record, and the one way to name a single head (a module of its own so that reading a
+record does not import torch)."""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
 
 ATTENTION_KINDS = ("enc_self", "dec_self", "cross")
+
+_HEAD_NAME = re.compile(r"^(?P<kind>\w+?)/L(?P<layer>\d+)/H(?P<head>\d+)$")
+
+
+class Head(NamedTuple):
+    """One attention head: its kind, layer and global head index (0-based), named ``kind/L<layer>/H<head>``
+    as in the logged keys (``attn_entropy/cross/L1/H3``)."""
+
+    kind: str
+    layer: int
+    head: int
+
+    def __str__(self) -> str:
+        return f"{self.kind}/L{self.layer}/H{self.head}"
+
+    @classmethod
+    def parse(cls, name: str) -> Head:
+        """``"cross/L1/H3"`` -> Head("cross", 1, 3); ValueError naming the expected form otherwise."""
+        match = _HEAD_NAME.match(str(name).strip())
+        if match is None or match["kind"] not in ATTENTION_KINDS:
+            raise ValueError(
+                f"{name!r} is not a head name; write <kind>/L<layer>/H<head> with kind one of {ATTENTION_KINDS}"
+            )
+        return cls(match["kind"], int(match["layer"]), int(match["head"]))

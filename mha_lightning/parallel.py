@@ -125,6 +125,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, shard_rng: ShardedDropoutRNG
             parallelize_module(layer, tp_mesh, encoder_layer_plan())
         for layer in model.decoder_layers:
             parallelize_module(layer, tp_mesh, decoder_layer_plan())
+        shard_head_gates(model, tp_mesh.get_local_rank(), tp_mesh.size())
         shard_rng = shard_rng or shard_rng_for(model, mesh, torch.initial_seed())
         if shard_rng is not None:
             shard_rng.attach(sharded_modules(model))
@@ -140,6 +141,15 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, shard_rng: ShardedDropoutRNG
         for method in ("greedy_decode", "beam_decode"):
             register_fsdp_forward_method(model, method)
     return model
+
+
+def shard_head_gates(model: nn.Module, tp_rank: int, tp_size: int) -> None:
+    """Keep each attention's head gate (``model.head_mask``) for this rank's heads only: q, k, v
+    are sharded by whole heads, so the core's output holds the local heads alone."""
+    heads = head_layout(model.config.num_heads, tp_rank, tp_size)
+    for attn in (m for mods in model.attention_layers().values() for m in mods):
+        if attn.head_gate is not None:
+            attn.set_head_gate(attn.head_gate[..., heads.start : heads.stop])
 
 
 def head_layout(num_heads: int, tp_rank: int, tp_size: int) -> range:

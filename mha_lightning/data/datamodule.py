@@ -54,6 +54,11 @@ class Seq2SeqDataModule(L.LightningDataModule):
         ids = strip_ids(ids)
         return " ".join(str(i) for i in ids)
 
+    def alignment(self, src: Sequence[int]) -> list[int] | None:
+        """The source position each target token copies, where the task defines one (synthetic tasks);
+        None for translation."""
+        return None
+
     def _sampler_kwargs(self) -> dict:
         kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer else None
         return kwargs or {"num_replicas": 1, "rank": 0}
@@ -135,6 +140,12 @@ class SyntheticDataModule(Seq2SeqDataModule):
     @override
     def vocab_size(self) -> int:
         return self._vocab_size
+
+    @override
+    def alignment(self, src: Sequence[int]) -> list[int] | None:
+        from mha_lightning.data.synthetic import ALIGNMENTS
+
+        return ALIGNMENTS[self.task](list(src))
 
 
 class TextDataModule(Seq2SeqDataModule):

@@ -28,6 +28,16 @@ TASKS: dict[str, Callable[[list[int]], list[int]]] = {
 }
 
 
+# Which source position each target position copies: the gold alignment a cross-attention head can learn
+# (mha-analyze scores heads against it). Sort's ties keep source order (one valid alignment of several).
+ALIGNMENTS: dict[str, Callable[[list[int]], list[int]]] = {
+    "copy": lambda s: list(range(len(s))),
+    "reverse": lambda s: list(range(len(s) - 1, -1, -1)),
+    "sort": lambda s: sorted(range(len(s)), key=lambda i: s[i]),
+    "pairswap": lambda s: [i ^ 1 if (i ^ 1) < len(s) else i for i in range(len(s))],
+}
+
+
 def generate(task: str, num_examples: int, vocab_size: int, min_len: int, max_len: int, seed: int):
     """-> list of (source ids, target ids)."""
     if task not in TASKS:

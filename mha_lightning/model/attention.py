@@ -11,6 +11,9 @@ monitor, analysis and speed work swap in without touching ``forward`` or the sha
 
 Incremental decoding passes a :class:`KVCache` per attention module (docs/design.md,
 "Decoding with a KV cache"): an explicit object the decoding loop owns, not module state.
+
+A head gate scales each head's output after the core (docs/design.md, "Head gates and masks"):
+0 removes a head (``model.head_mask``), a gradient-carrying gate measures its importance.
 """
 
 from __future__ import annotations
@@ -113,7 +116,8 @@ class KVCache:
 
 
 class MultiHeadAttention(nn.Module):
-    """q, k, v, o projections around ``self.core`` (default :class:`SDPACore`)."""
+    """q, k, v, o projections around ``self.core`` (default :class:`SDPACore`), and an optional
+    per-head output gate ``head_gate``."""
 
     def __init__(
         self,
@@ -133,6 +137,10 @@ class MultiHeadAttention(nn.Module):
         self.o = nn.Linear(inner, d_model, bias=bias)
         self.dropout = dropout
         self.core: nn.Module = SDPACore()
+        # (H_local,) or (B, H_local): each head's output is multiplied by its gate before o. Not a
+        # core: the monitor swaps cores on measured steps, and a head mask must hold on every step.
+        # Not saved in checkpoints (the mask travels in the model config instead).
+        self.register_buffer("head_gate", None, persistent=False)
 
     @override
     def forward(
@@ -156,8 +164,15 @@ class MultiHeadAttention(nn.Module):
                 k, v = cache.append(k, v)
         # Cached or not, the core computes the attention, so a probing core observes decoding too.
         out = self.core(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, H_local, Tq, hd)
+        if self.head_gate is not None:
+            gate = self.head_gate
+            out = out * gate.view(gate.shape[0] if gate.dim() == 2 else 1, -1, 1, 1).to(out.dtype)
         out = out.transpose(1, 2).reshape(B, Tq, -1)  # (B, Tq, H_local * hd)
         return self.o(out)
+
+    def set_head_gate(self, gate: Tensor | None) -> None:
+        """Scale head outputs by ``gate`` ((H_local,) for every example, or (B, H_local)); None: no gate."""
+        self.head_gate = gate
 
     def _heads(self, projected: Tensor) -> Tensor:
         """(B, T, H_local * hd) -> (B, H_local, T, hd); the head count comes from the tensor, so a

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from mha_lightning.errors import ConfigError
+from mha_lightning.kinds import Head
 from mha_lightning.model.attention import AttentionMask, KVCache, MultiHeadAttention, SDPACore
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
@@ -50,6 +51,8 @@ class TransformerConfig:
     positional: str = "sinusoidal"  # or "learned"
     max_len: int = 128
     share_embeddings: bool = True  # one matrix for source, target and output projection
+    # Heads removed from the model (their outputs gated to 0), e.g. ["cross/L1/H3", "enc_self/L0/H0"].
+    head_mask: list[str] = field(default_factory=list)
     pad_id: int = 0
 
     def __post_init__(self) -> None:
@@ -82,6 +85,29 @@ class TransformerConfig:
         for key in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"model.{key} must be in [0, 1), got {getattr(self, key)!r}")
+        self.head_mask = [str(h) for h in self.masked_heads()]  # canonical names; a ListConfig becomes a list
+
+    def layers_of(self, kind: str) -> int:
+        """How many attention modules of ``kind`` the model has."""
+        return self.num_encoder_layers if kind == "enc_self" else self.num_decoder_layers
+
+    def masked_heads(self) -> list[Head]:
+        """``head_mask`` as :class:`Head` values, checked against the model's shape (one-line ConfigError)."""
+        if isinstance(self.head_mask, str):
+            raise ConfigError(f"model.head_mask must be a list of head names, got {self.head_mask!r}")
+        heads = []
+        for name in self.head_mask:
+            try:
+                head = Head.parse(name)
+            except ValueError as e:
+                raise ConfigError(f"model.head_mask: {e}") from None
+            if head.layer >= self.layers_of(head.kind) or head.head >= self.num_heads:
+                raise ConfigError(
+                    f"model.head_mask: {name} does not exist; {head.kind} has layers 0-{self.layers_of(head.kind) - 1}"
+                    f" and heads 0-{self.num_heads - 1}"
+                )
+            heads.append(head)
+        return heads
 
 
 class FeedForward(nn.Module):
@@ -263,6 +289,7 @@ class Seq2SeqTransformer(nn.Module):
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.share_embeddings:
             self.output.weight = tgt_tokens.weight
+        self.set_head_mask(cfg.masked_heads())
 
     def hparams(self) -> dict:
         """The resolved config as a plain dict (saved in checkpoints to rebuild the model)."""
@@ -285,6 +312,18 @@ class Seq2SeqTransformer(nn.Module):
         for kind, mods in self.attention_layers().items():
             for layer, attn in enumerate(mods):
                 attn.core = SDPACore() if make is None else make(kind, layer)
+
+    def set_head_mask(self, heads: list[Head]) -> None:
+        """Remove ``heads`` (gate 0) and restore every other head (single-device; the config's
+        ``head_mask`` is applied when the model is built, before any sharding)."""
+        for kind, mods in self.attention_layers().items():
+            for layer, attn in enumerate(mods):
+                off = [h.head for h in heads if (h.kind, h.layer) == (kind, layer)]
+                gate = None
+                if off:
+                    gate = torch.ones(self.config.num_heads, device=attn.o.weight.device)
+                    gate[off] = 0.0
+                attn.set_head_gate(gate)
 
     @contextmanager
     def attention_core(self, make: CoreFactory) -> Iterator[None]:

@@ -8,41 +8,28 @@ from __future__ import annotations
 
 import csv
 import json
-import time
-from pathlib import Path
 
 import pytest
 
 from mha_lightning import evaluate
-from mha_lightning.train import train
 
 pytestmark = pytest.mark.slow
 
 
-def test_tiny_model_learns_reverse(make_cfg, capsys):
-    cfg = make_cfg(
-        "experiment=reverse_tiny",
-        "monitor.enabled=false",
-        "logger=csv",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
-    )
-    run = Path(cfg.paths.output_dir)
-    start = time.monotonic()
-    metrics = train(cfg)
-    elapsed = time.monotonic() - start
-
+def test_tiny_model_learns_reverse(trained_reverse, capsys):
+    run, metrics = trained_reverse.run_dir, trained_reverse.metrics
     curve = [
         (int(r["step"]) + 1, float(r["val/exact_match"]))
         for r in csv.DictReader(next(run.glob("csv/version_*/metrics.csv")).open())
         if r["val/exact_match"]
     ]
-    print(f"reverse_tiny + cosine: {cfg.trainer.max_steps} steps in {elapsed:.0f}s; val exact-match {curve}")
+    took = f"{trained_reverse.steps} steps in {trained_reverse.seconds:.0f}s"
+    print(f"reverse_tiny + cosine: {took}; val exact-match {curve}")
     assert metrics["test/exact_match"] >= 0.99, curve
 
     # mha-eval on the saved checkpoint: the learned weights are what was saved.
     capsys.readouterr()
-    assert evaluate.main([str(run / "checkpoints" / "last.ckpt"), "--split", "test"]) == 0
+    assert evaluate.main([str(trained_reverse.checkpoint), "--split", "test"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == 500, result
     # One scoring path (the module's test loop): the very numbers training reported.

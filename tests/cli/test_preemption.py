@@ -46,9 +46,11 @@ def test_sigusr1_saves_the_current_step_and_the_resume_continues_exactly(tmp_pat
     step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
     assert step == int(line.split("at step ")[1].split(";")[0]) and step >= 10
 
-    # Resume to step + 5, and compare with a run that was never interrupted.
-    resumed = mha_train(run, f"trainer.max_steps={step + 5}", f"ckpt_path={last}")
-    reference = mha_train(tmp_path / "reference", f"trainer.max_steps={step + 5}")
+    # Resume to step + 5, and compare with a run that was never interrupted. Both validate (and so
+    # checkpoint) at the end: ModelCheckpoint must overwrite last.ckpt, which it did not write itself.
+    until = [f"trainer.max_steps={step + 5}", f"trainer.val_check_interval={step + 5}"]
+    resumed = mha_train(run, *until, f"ckpt_path={last}")
+    reference = mha_train(tmp_path / "reference", *until)
     for p in (resumed, reference):
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
@@ -56,3 +58,5 @@ def test_sigusr1_saves_the_current_step_and_the_resume_continues_exactly(tmp_pat
     assert sorted(after) == list(range(step, step + 5))
     for s in range(step, step + 5):
         assert after[s] == full[s], f"step {s}: resumed {after[s]} != uninterrupted {full[s]}"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == step + 5
+    assert sorted(p.name for p in last.parent.glob("last*")) == ["last.ckpt"]

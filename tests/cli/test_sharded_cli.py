@@ -203,6 +203,29 @@ def test_consolidated_checkpoint_evaluates_like_the_sharded_one(tp2_runs, tmp_pa
     assert results["single"]["test/exact_match"] == json.loads((a / METRICS_FILE).read_text())["test/exact_match"]
 
 
+def test_analysis_sharded_over_two_ranks_equals_the_single_device_one(tp2_runs, tmp_path):
+    # mha-analyze on A's tp=2 checkpoint folder: once on one process, once sharded itself (tp=2).
+    last = tp2_runs[0] / "checkpoints" / "last.ckpt"
+    results = {}
+    for devices in (1, 2):
+        out = tmp_path / f"devices{devices}"
+        cmd = [sys.executable, "-m", "mha_lightning.analysis.cli", f"ckpt={last}", f"trainer.devices={devices}"]
+        cmd += ["examples=48", "batch_size=16", "maps.examples=1", f"hydra.run.dir={out}"]
+        cmd += ["prune.points=3", "prune.random_orders=1", "prune.examples=16"]
+        ok(subprocess.run(cmd, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300))
+        results[devices] = json.loads((out / "results.json").read_text())
+    one, two = results[1], results[2]
+    assert two["tensor_parallel_size"] == 2 and one["statistics"]["examples"] == two["statistics"]["examples"] == 48
+    for stat in ("importance", "importance_norm", "entropy", "entropy_norm", "confidence", "js", "alignment"):
+        assert set(one["statistics"][stat]) == set(two["statistics"][stat]), stat
+        for kind, values in one["statistics"][stat].items():
+            sharded = torch.tensor(two["statistics"][stat][kind], dtype=torch.float64)
+            torch.testing.assert_close(sharded, torch.tensor(values, dtype=torch.float64), rtol=0, atol=1e-5)
+    # Heads removed on a sharded model (each rank gates its own heads): the same orders and curves.
+    assert two["pruning"]["orders"] == one["pruning"]["orders"]
+    assert two["pruning"]["curves"] == one["pruning"]["curves"]
+
+
 def test_sharded_checkpoint_resumes_only_at_its_layout(tp2_runs, tmp_path):
     _, b, _ = tp2_runs
     folder = b / "checkpoints" / "last.ckpt"

@@ -263,11 +263,16 @@ def test_monitor_config_adds_the_entropy_callback(make_cfg):
 
 
 @pytest.mark.parametrize("name", options("experiment"))
-def test_experiment_configs(make_cfg, name):
-    cfg = make_cfg(f"experiment={name}", "logger=none")
+def test_experiment_configs(make_cfg, name, tmp_path):
+    # Text experiments name no corpus (the user gives it): give them the test corpus.
+    corpus = text_overrides(write_word_corpus(tmp_path / "corpus"))[1:] if name.endswith("_text") else []
+    cfg = make_cfg(f"experiment={name}", "logger=none", *corpus)
     dm, model, *_ = instantiate_run(cfg)
     if name == "reverse_tiny":
         assert cfg.data.task == "reverse" and cfg.model.d_model == 64 and cfg.trainer.max_steps == 1500
+    if corpus:
+        dm.prepare_data()  # trains the BPE tokenizer
+        dm.setup("fit")
     forward_one_batch(dm, model)
 
 

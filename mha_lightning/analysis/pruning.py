@@ -1,0 +1,84 @@
+"""Pruning curves: the task metric as heads are removed one after another, in a chosen order.
+
+Orders: increasing importance (Michel et al. 2019's one-shot ranking, importance normalised per
+layer), decreasing normalised entropy (the most diffuse heads first), and random orders. Removing
+a head gates its output to 0 (``Seq2SeqTransformer.set_head_mask``), exactly what
+``model.head_mask`` does in training and evaluation.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from mha_lightning.kinds import Head
+
+# Heads to remove -> the task metric of the model without them.
+Scorer = Callable[[list[Head]], float]
+
+
+def ranked_heads(values: dict[str, np.ndarray], descending: bool = False, skip: Sequence[Head] = ()) -> list[Head]:
+    """Every head, ordered by ``values`` (kind -> (layers, heads)); ties keep kind, layer, head order."""
+    heads = [
+        (float(v), Head(kind, layer, head))
+        for kind, table in values.items()
+        for layer, row in enumerate(np.asarray(table))
+        for head, v in enumerate(row)
+        if Head(kind, layer, head) not in skip
+    ]
+    heads.sort(key=lambda pair: -pair[0] if descending else pair[0])
+    return [head for _, head in heads]
+
+
+def random_order(heads: Sequence[Head], seed: int) -> list[Head]:
+    """``heads`` shuffled with its own seeded generator."""
+    order = list(heads)
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def curve_points(num_heads: int, points: int) -> list[int]:
+    """``points`` evenly spaced head counts from 0 to ``num_heads`` (both included), without repeats."""
+    if points >= num_heads + 1:
+        return list(range(num_heads + 1))
+    return sorted({round(i * num_heads / (points - 1)) for i in range(points)})
+
+
+def pruning_curve(score: Scorer, order: Sequence[Head], points: Sequence[int], baseline: float) -> list[float]:
+    """The metric after removing the first k heads of ``order``, for each k in ``points`` (k = 0: ``baseline``)."""
+    return [baseline if k == 0 else score(list(order[:k])) for k in points]
+
+
+def prunable(points: Sequence[int], metric: Sequence[float], baseline: float, tolerance: float = 0.01) -> int:
+    """The most heads removable, along one curve, while every point so far keeps the metric within
+    ``tolerance`` (relative) of ``baseline``."""
+    best = 0
+    for k, value in zip(points, metric, strict=True):
+        if value < baseline * (1.0 - tolerance) - 1e-12:
+            break
+        best = k
+    return best
+
+
+def refine_removable(
+    score_at: Callable[[int], float],
+    points: Sequence[int],
+    metric: Sequence[float],
+    baseline: float,
+    tolerance: float = 0.01,
+) -> int:
+    """:func:`prunable` to the exact head: bisect between the last measured point within ``tolerance``
+    and the next one (``score_at(k)``: the metric with the first k heads of the order removed),
+    assuming the metric does not recover in between (a few decodes instead of one per head)."""
+    low = prunable(points, metric, baseline, tolerance)
+    later = [k for k in points if k > low]
+    high = later[0] if later else low
+    while high - low > 1:
+        middle = (low + high) // 2
+        if score_at(middle) >= baseline * (1.0 - tolerance) - 1e-12:
+            low = middle
+        else:
+            high = middle
+    return low

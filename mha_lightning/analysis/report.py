@@ -1,0 +1,221 @@
+"""Pictures, tables and ``report.md`` from an analysis's ``results.json`` and ``maps.pt``.
+
+Rendering only (no model): heatmaps of importance, confidence and entropy per kind, Jensen-Shannon
+matrices per layer, the pruning curves, and attention maps of a few examples with their tokens.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mha_lightning.analysis.run import MAPS_FILE, RESULTS_FILE
+from mha_lightning.kinds import ATTENTION_KINDS, Head
+from mha_lightning.monitor.plots import _new_figure, figure_to_png, heatmap_figure
+
+HEADS_CSV = "heads.csv"
+REPORT = "report.md"
+HEAD_COLUMNS = ("importance", "importance_norm", "entropy", "entropy_norm", "confidence", "alignment")
+
+
+def head_rows(stats: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per head: its name and every per-head statistic (alignment empty where not measured)."""
+    rows = []
+    for kind in ATTENTION_KINDS:
+        for layer, values in enumerate(stats["importance"][kind]):
+            for head in range(len(values)):
+                row: dict[str, Any] = {"head": str(Head(kind, layer, head))}
+                for col in HEAD_COLUMNS:
+                    table = stats[col].get(kind)
+                    row[col] = float(table[layer][head]) if table is not None else None
+                rows.append(row)
+    return rows
+
+
+def similar_pairs(stats: dict[str, Any], count: int = 5) -> list[tuple[float, str, str]]:
+    """The ``count`` most alike pairs of heads within a layer: (JS distance, head, head), closest first."""
+    pairs = []
+    for kind, layers in stats.get("js", {}).items():
+        for layer, matrix in enumerate(layers):
+            m = np.asarray(matrix)
+            for i in range(len(m)):
+                for j in range(i + 1, len(m)):
+                    pairs.append((float(m[i, j]), str(Head(kind, layer, i)), str(Head(kind, layer, j))))
+    return sorted(pairs)[:count]
+
+
+def _js_figure(matrices: np.ndarray, kind: str):
+    layers, heads = matrices.shape[0], matrices.shape[1]
+    fig = _new_figure((1.2 + 2.6 * layers, 2.9))
+    axes = fig.subplots(1, layers, squeeze=False)[0]
+    for layer, ax in enumerate(axes):
+        im = ax.imshow(matrices[layer], vmin=0.0, vmax=1.0, cmap="magma")
+        ax.set_title(f"{kind} L{layer}", fontsize=9)
+        ax.set_xticks(range(heads), [f"H{h}" for h in range(heads)], fontsize=6)
+        ax.set_yticks(range(heads), [f"H{h}" for h in range(heads)], fontsize=6)
+    fig.colorbar(im, ax=list(axes), label="Jensen-Shannon distance", shrink=0.9)
+    return fig
+
+
+def _pruning_figure(pruning: dict[str, Any]):
+    fig = _new_figure((6.4, 4.0))
+    ax = fig.subplots()
+    points = pruning["points"]
+    curves = pruning["curves"]
+    randoms = np.array([c for name, c in curves.items() if name.startswith("random")])
+    if len(randoms):
+        ax.fill_between(points, randoms.min(0), randoms.max(0), color="grey", alpha=0.25, label="random (range)")
+        ax.plot(points, randoms.mean(0), color="grey", marker=".", label=f"random (mean of {len(randoms)})")
+    ax.plot(points, curves["importance"], marker="o", label="least important first")
+    ax.plot(points, curves["entropy"], marker="s", label="most diffuse (entropy) first")
+    ax.axhline(pruning["baseline"] * (1 - pruning["tolerance"]), color="black", lw=0.8, ls="--", label="1% below full")
+    ax.set_xlabel("heads removed")
+    ax.set_ylabel(pruning["metric"])
+    ax.set_title("Pruning curve")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _maps_figure(maps: list[torch.Tensor], example: int, kind: str, keys: list[str], queries: list[str]):
+    layers, heads = len(maps), maps[0].shape[1]
+    size = max(1.6, min(3.2, 0.16 * max(len(keys), len(queries))))
+    fig = _new_figure((0.8 + size * heads, 0.6 + size * layers))
+    axes = fig.subplots(layers, heads, squeeze=False)
+    for layer in range(layers):
+        for head in range(heads):
+            ax = axes[layer][head]
+            m = maps[layer][example, head, : len(queries), : len(keys)].numpy()
+            ax.imshow(m, vmin=0.0, vmax=1.0, cmap="Blues", aspect="auto")
+            ax.set_title(f"L{layer} H{head}", fontsize=8)
+            ax.set_xticks(range(len(keys)), keys, rotation=90, fontsize=5)
+            ax.set_yticks(range(len(queries)), queries, fontsize=5)
+    fig.suptitle(f"{kind}: example {example} (rows: queries, columns: keys)", fontsize=10)
+    return fig
+
+
+def render(out: Path, token_text=None) -> Path:
+    """Write heads.csv, the PNGs and report.md into ``out`` (which holds results.json and maps.pt) -> report.md.
+
+    ``token_text(id) -> str`` labels map axes (default: the id)."""
+    results = json.loads((out / RESULTS_FILE).read_text())
+    stats = results["statistics"]
+    rows = head_rows(stats)
+    with (out / HEADS_CSV).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["head", *HEAD_COLUMNS])
+        writer.writeheader()
+        writer.writerows(rows)
+    images: list[tuple[str, str]] = []
+    for kind in ATTENTION_KINDS:
+        for col, label, limit in (
+            ("importance_norm", "importance (normalised per layer)", 1.0),
+            ("confidence", "confidence (mean max weight)", 1.0),
+            ("entropy_norm", "entropy / log(keys)", 1.0),
+        ):
+            name = f"{col}_{kind}.png"
+            fig = heatmap_figure(np.asarray(stats[col][kind]), f"{kind}: {label}", label, 0.0, limit)
+            figure_to_png(fig, out / name)
+            images.append((f"{kind}: {label}", name))
+        if kind in stats.get("js", {}):
+            name = f"similarity_{kind}.png"
+            figure_to_png(_js_figure(np.asarray(stats["js"][kind]), kind), out / name)
+            images.append((f"{kind}: Jensen-Shannon distance between heads", name))
+    maps_path = out / MAPS_FILE
+    map_images = []
+    if maps_path.exists():
+        saved = torch.load(maps_path, weights_only=True)
+        label = token_text or str
+        for example, (src, tgt) in enumerate(saved["pairs"]):
+            src_tokens = [label(t) for t in src] + ["</s>"]
+            tgt_in = ["<s>"] + [label(t) for t in tgt]
+            for kind, maps in saved["maps"].items():
+                keys, queries = (
+                    (src_tokens, src_tokens)
+                    if kind == "enc_self"
+                    else ((src_tokens, tgt_in) if kind == "cross" else (tgt_in, tgt_in))
+                )
+                name = f"maps_{example}_{kind}.png"
+                figure_to_png(_maps_figure(maps, example, kind, keys, queries), out / name)
+                map_images.append((f"example {example}, {kind}", name))
+    if "pruning" in results:
+        figure_to_png(_pruning_figure(results["pruning"]), out / "pruning.png")
+    path = out / REPORT
+    path.write_text(_markdown(results, rows, images, map_images))
+    return path
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:.3f}"
+
+
+def _markdown(results: dict, rows: list[dict], images, map_images) -> str:
+    stats = results["statistics"]
+    m = results["model"]
+    lines = [
+        "# What the heads do",
+        "",
+        f"Checkpoint `{results['checkpoint']}`, split `{results['split']}`, {stats['examples']} examples; "
+        f"{m['num_heads']} heads of {m['head_dim']} dimensions per attention, d_model {m['d_model']}, "
+        f"{m['num_encoder_layers']}+{m['num_decoder_layers']} layers"
+        + (f"; removed by model.head_mask: {', '.join(m['head_mask'])}" if m["head_mask"] else "")
+        + ".",
+        "",
+    ]
+    top = sorted(rows, key=lambda r: -(r["importance_norm"] or 0.0))[:5]
+    lines += [
+        "## The heads that matter",
+        "",
+        "Importance is the mean over examples of |dL/d gate| (Michel et al. 2019), normalised per layer.",
+        "",
+        "| head | importance | normalised | confidence | entropy (norm.) | alignment |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in top:
+        lines.append(
+            f"| {r['head']} | {_fmt(r['importance'])} | {_fmt(r['importance_norm'])} | {_fmt(r['confidence'])} | "
+            f"{_fmt(r['entropy_norm'])} | {_fmt(r['alignment'])} |"
+        )
+    if stats.get("alignment"):
+        best = max((r for r in rows if r["alignment"] is not None), key=lambda r: r["alignment"])
+        lines += [
+            "",
+            f"Best-aligned cross-attention head: {best['head']}, argmax on the gold source position "
+            f"{best['alignment']:.1%} of the time.",
+        ]
+    pairs = similar_pairs(stats)
+    if pairs:
+        lines += ["", "## The heads that look alike", ""]
+        lines += [
+            "Jensen-Shannon distance (0: same distributions, 1: disjoint), averaged over queries (Clark et al. 2019)."
+        ]
+        lines += ["", "| distance | head | head |", "|---|---|---|"]
+        lines += [f"| {d:.3f} | {a} | {b} |" for d, a, b in pairs]
+    pruning = results.get("pruning")
+    if pruning:
+        total = pruning["points"][-1]
+        randoms = [v for k, v in pruning["removable"].items() if k.startswith("random")]
+        abl = pruning["ablation"]
+        lines += [
+            "",
+            "## How many heads can go",
+            "",
+            f"Full model: {pruning['metric']} {pruning['baseline']:.4f}. Removing heads in increasing importance, "
+            f"**{pruning['removable']['importance']} of {total}** can go before the metric falls more than "
+            f"{pruning['tolerance']:.0%} (by entropy: {pruning['removable']['entropy']}; random orders: "
+            f"{', '.join(map(str, randoms))}, counted at the measured points {pruning['points']}; the importance "
+            "order's count is exact, bisected between them).",
+            "",
+            f"Removing only the most important head ({abl['most_important']['head']}): "
+            f"{abl['most_important']['metric']:.4f}; only the least important ({abl['least_important']['head']}): "
+            f"{abl['least_important']['metric']:.4f}.",
+            "",
+            "![pruning curve](pruning.png)",
+        ]
+    lines += ["", "## Pictures", ""]
+    lines += [f"### {title}\n\n![{title}]({name})\n" for title, name in images + map_images]
+    lines += ["", f"Every head's numbers: `{HEADS_CSV}`; everything measured: `{RESULTS_FILE}`.", ""]
+    return "\n".join(lines)

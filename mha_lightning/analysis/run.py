@@ -1,0 +1,228 @@
+"""Run the analysis on a checkpoint: on one process, or sharded over tensor-parallel ranks.
+
+Everything that needs the model happens here and ends in two files of the output folder:
+``results.json`` (statistics, pruning curves, ablations) and ``maps.pt`` (attention maps of a few
+examples). ``report.py`` turns them into pictures and ``report.md``. With ``trainer.devices=N`` the
+model is sharded N ways over heads, exactly as training shards it (``parallel.parallelize``);
+every rank reads all the examples, the heads' numbers are gathered over the ranks, and rank 0
+writes the files (docs/design.md, "Analysing heads").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from mha_lightning.analysis.heads import HeadStatistics, measure_heads
+from mha_lightning.analysis.pruning import (
+    curve_points,
+    prunable,
+    pruning_curve,
+    random_order,
+    ranked_heads,
+    refine_removable,
+)
+from mha_lightning.data.batching import collate
+from mha_lightning.data.datamodule import strip_ids
+from mha_lightning.data.vocab import EOS_ID
+from mha_lightning.errors import ConfigError
+from mha_lightning.kinds import Head
+
+RESULTS_FILE = "results.json"
+MODEL_KEYS = ("d_model", "num_heads", "head_dim", "num_encoder_layers", "num_decoder_layers", "head_mask")
+MAPS_FILE = "maps.pt"
+
+
+def load(ckpt: str, split: str, examples: int):
+    """-> (module with the checkpoint's model, its DataModule, the examples analysed)."""
+    from mha_lightning.evaluate import build_datamodule, build_module
+
+    module, info = build_module(ckpt)
+    data = build_datamodule(info)
+    pairs = data.splits.get(split)
+    if not pairs:
+        raise ConfigError(f"split={split!r} has no examples in the checkpoint's data; use val or test")
+    return module, data, pairs[:examples]
+
+
+def batches(pairs: list, batch_size: int, first: int) -> Iterator[tuple[dict[str, Tensor], list]]:
+    """The ``first`` examples as the opening batch (their maps are kept), the rest length-sorted."""
+    head, rest = pairs[:first], sorted(pairs[first:], key=lambda p: len(p[0]) + len(p[1]))
+    if head:
+        yield collate(head), head
+    for start in range(0, len(rest), batch_size):
+        chunk = rest[start : start + batch_size]
+        yield collate(chunk), chunk
+
+
+class TaskScorer:
+    """Decodes the analysed examples with the model's own decoding and scores them as validation does
+    (exact match on synthetic tasks, sacreBLEU on text), with chosen heads removed."""
+
+    def __init__(self, module, data, pairs: list, batch_size: int, apply_mask) -> None:
+        self.module, self.data, self.pairs = module, data, sorted(pairs, key=lambda p: len(p[0]))
+        self.batch_size = batch_size
+        self.apply_mask = apply_mask  # list[Head] -> None: gates those heads to 0 (sharding-aware)
+        self.name = "bleu" if getattr(data, "is_text", False) else "exact_match"
+
+    @torch.no_grad()
+    def __call__(self, removed: list[Head]) -> float:
+        """The metric without ``removed`` (the model's own mask is restored afterwards)."""
+        self.apply_mask(removed)
+        try:
+            hyps = []
+            for start in range(0, len(self.pairs), self.batch_size):
+                src = collate(self.pairs[start : start + self.batch_size])["src"]
+                hyps += self.module.generate(src.to(self.module.device)).tolist()
+        finally:
+            self.apply_mask([])
+        return self._score(hyps)
+
+    def _score(self, hyps: list[list[int]]) -> float:
+        if self.name == "exact_match":
+            # As validation scores it: the hypothesis, ended by EOS, is the target.
+            hits = [EOS_ID in h and strip_ids(h) == list(tgt) for h, (_, tgt) in zip(hyps, self.pairs, strict=True)]
+            return float(np.mean(hits))
+        from torchmetrics.text import SacreBLEUScore
+
+        refs = [[self.data.detokenize(list(tgt) + [EOS_ID])] for _, tgt in self.pairs]
+        return float(SacreBLEUScore()([self.data.detokenize(h) for h in hyps], refs))
+
+
+def prune(stats: HeadStatistics, scorer: TaskScorer, masked: list[Head], cfg: dict[str, Any]) -> dict[str, Any]:
+    """Pruning curves in three kinds of order, single-head ablations and the heads removable at ``tolerance``."""
+    baseline = scorer([])
+    order = ranked_heads(stats.importance_norm, skip=masked)
+    points = curve_points(len(order), int(cfg["points"]))
+    orders = {"importance": order, "entropy": ranked_heads(stats.entropy_norm, descending=True, skip=masked)}
+    orders.update({f"random_{seed}": random_order(order, seed) for seed in range(int(cfg["random_orders"]))})
+    curves = {}
+    for name, heads in tqdm(orders.items(), desc="pruning curves", unit="order"):
+        curves[name] = pruning_curve(lambda removed: scorer(masked + removed), heads, points, baseline)
+    tolerance = float(cfg["tolerance"])
+    removable = {name: prunable(points, curve, baseline, tolerance) for name, curve in curves.items()}
+    # The headline number (least important first) to the exact head, between the measured points.
+    removable["importance"] = refine_removable(
+        lambda k: scorer(masked + order[:k]), points, curves["importance"], baseline, tolerance
+    )
+    return {
+        "metric": scorer.name,
+        "baseline": baseline,
+        "tolerance": tolerance,
+        "points": points,
+        "orders": {name: [str(h) for h in heads] for name, heads in orders.items()},
+        "curves": curves,
+        "removable": removable,
+        "ablation": {
+            "most_important": {"head": str(order[-1]), "metric": scorer(masked + [order[-1]])},
+            "least_important": {"head": str(order[0]), "metric": scorer(masked + [order[0]])},
+        },
+    }
+
+
+def analyze_model(module, data, pairs: list, cfg: dict[str, Any], *, tp_rank: int = 0, tp_size: int = 1, gather=None):
+    """-> (results dict, maps) for a (possibly sharded) module; every rank returns the same numbers."""
+    from mha_lightning import parallel
+
+    model = module.model
+    masked = model.config.masked_heads()
+    alignment = getattr(data, "alignment", None)
+    has_alignment = alignment is not None and pairs and alignment(pairs[0][0]) is not None
+    stats, maps = measure_heads(
+        model,
+        batches(pairs, int(cfg["batch_size"]), int(cfg["maps"]["examples"])),
+        local_heads=model.config.num_heads // tp_size,
+        gather=gather or (lambda t: t),
+        alignment=alignment if has_alignment else None,
+        similarity=bool(cfg["similarity"]),
+        capture=int(cfg["maps"]["examples"]),
+        progress=tp_rank == 0,
+    )
+    results: dict[str, Any] = {
+        "checkpoint": str(cfg["ckpt"]),
+        "split": cfg["split"],
+        "model": {k: getattr(model.config, k) for k in MODEL_KEYS},
+        "tensor_parallel_size": tp_size,
+        "statistics": stats.to_dict(),
+    }
+    if cfg["prune"]["enabled"]:
+
+        def apply_mask(removed: list[Head]) -> None:
+            model.set_head_mask(masked + removed if removed else masked)
+            if tp_size > 1:
+                parallel.shard_head_gates(model, tp_rank, tp_size)
+
+        n = cfg["prune"]["examples"] or len(pairs)
+        scorer = TaskScorer(module, data, pairs[:n], int(cfg["batch_size"]), apply_mask)
+        results["pruning"] = prune(stats, scorer, masked, cfg["prune"])
+    example_maps = {"pairs": pairs[: int(cfg["maps"]["examples"])], "maps": maps}
+    return results, example_maps
+
+
+def write(out: Path, results: dict, maps: dict) -> None:
+    """results.json and maps.pt in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RESULTS_FILE).write_text(json.dumps(results, indent=1))
+    torch.save(maps, out / MAPS_FILE)
+
+
+def analyze(cfg: dict[str, Any], out: Path) -> tuple[dict[str, Any], Any]:
+    """Analyse ``cfg["ckpt"]`` on this process (``trainer.devices`` = 1) or on N spawned, head-sharded
+    ranks -> (results, the checkpoint's DataModule)."""
+    devices = int(cfg["trainer"]["devices"])
+    module, data, pairs = load(cfg["ckpt"], cfg["split"], int(cfg["examples"]))  # user errors surface here, once
+    if devices == 1:
+        results, maps = analyze_model(module, data, pairs, cfg)
+        write(out, results, maps)
+        return results, data
+    heads = module.model.config.num_heads
+    if devices < 1 or heads % devices:
+        raise ConfigError(f"trainer.devices ({devices}) must divide the model's num_heads ({heads})")
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sharded_worker, args=(devices, _free_port(), cfg, str(out)), nprocs=devices, join=True)
+    return json.loads((out / RESULTS_FILE).read_text()), data
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sharded_worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: str) -> None:
+    """One tensor-parallel rank: the model sharded over heads, every example, rank 0 writes."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from mha_lightning import parallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(int(cfg["seed"]))
+        module, data, pairs = load(cfg["ckpt"], cfg["split"], int(cfg["examples"]))
+        mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("data_parallel", "tensor_parallel"))
+        parallel.parallelize(module.model, mesh)
+        group = mesh["tensor_parallel"].get_group()
+
+        def gather(local: Tensor) -> Tensor:  # (B, H_local, ...) -> (B, H, ...) in global head order
+            parts = [torch.empty_like(local) for _ in range(world)]
+            dist.all_gather(parts, local.contiguous(), group=group)
+            return torch.cat(parts, dim=1)
+
+        results, maps = analyze_model(module, data, pairs, cfg, tp_rank=rank, tp_size=world, gather=gather)
+        if rank == 0:
+            write(Path(out), results, maps)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

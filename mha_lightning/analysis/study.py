@@ -1,0 +1,150 @@
+"""`mha-heads-study`: gather finished runs of a heads sweep into one table and one figure.
+
+    mha-train experiment=heads_study_reverse            # a multirun: num_heads x head_dim
+    mha-heads-study logs/heads_study_reverse/multiruns/<time>
+
+Each job's last checkpoint is analysed (``mha-analyze``'s own code, in-process) and reduced to
+the study's numbers (docs/design.md, "Analysing heads"): the task metric, the spread of
+normalised entropy across a layer's heads, the mean Jensen-Shannon distance between a layer's
+heads, and the share of heads removable within 1% of the metric (least important first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mha_lightning.errors import DataError, exit_on_user_error
+
+STUDY_DIR = "heads_study"
+COLUMNS = ("job", "num_heads", "head_dim", "metric", "value", "entropy_spread", "mean_js", "share_removable")
+ANALYSIS = {
+    "examples": 500,
+    "batch_size": 64,
+    "similarity": True,
+    "prune": {"enabled": True, "points": 9, "random_orders": 1, "examples": 200, "tolerance": 0.01},
+    "maps": {"examples": 0},
+    "trainer": {"devices": 1},
+    "split": "val",
+    "seed": 0,
+}
+
+
+def summarise(results: dict[str, Any]) -> dict[str, float]:
+    """One analysis -> the study's numbers (NaN where a number needs two heads)."""
+    stats, pruning = results["statistics"], results["pruning"]
+    spreads = [np.std(row) for layers in stats["entropy_norm"].values() for row in np.asarray(layers)]
+    js = []
+    for layers in stats["js"].values():
+        for m in np.asarray(layers):
+            upper = m[np.triu_indices(len(m), k=1)]
+            js += upper.tolist()
+    return {
+        "metric": pruning["metric"],
+        "value": pruning["baseline"],
+        "entropy_spread": float(np.mean(spreads)),
+        "mean_js": float(np.mean(js)) if js else math.nan,
+        "share_removable": pruning["removable"]["importance"] / pruning["points"][-1],
+    }
+
+
+def job_dirs(multirun: Path) -> list[Path]:
+    """The sweep's job folders that hold a finished run (a last checkpoint), in job order."""
+    jobs = [p for p in multirun.iterdir() if p.is_dir() and p.name.isdigit()]
+    return sorted((p for p in jobs if (p / "checkpoints" / "last.ckpt").exists()), key=lambda p: int(p.name))
+
+
+def study(multirun: Path) -> Path:
+    """Analyse every finished job of ``multirun`` -> the study's folder (study.csv, study.md, study.png)."""
+    from mha_lightning.analysis.run import analyze
+
+    if not multirun.is_dir():
+        raise DataError(f"{multirun} is not a folder; give the multirun folder of a heads study")
+    jobs = job_dirs(multirun)
+    if not jobs:
+        raise DataError(f"{multirun} holds no finished job (no <job>/checkpoints/last.ckpt yet)")
+    out = multirun / STUDY_DIR
+    rows = []
+    for job in jobs:
+        settings = {**ANALYSIS, "ckpt": str(job / "checkpoints" / "last.ckpt")}
+        results, _ = analyze(settings, out / job.name)
+        model = results["model"]
+        rows.append(
+            {"job": job.name, "num_heads": model["num_heads"], "head_dim": model["head_dim"], **summarise(results)}
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "study.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    _figure(rows, out / "study.png")
+    (out / "study.md").write_text(_markdown(rows, multirun))
+    (out / "study.json").write_text(json.dumps(rows, indent=1))
+    return out
+
+
+def _variant(row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    dims = {r["num_heads"] * r["head_dim"] for r in rows if r["head_dim"] == row["head_dim"]}
+    fixed = sum(r["head_dim"] == row["head_dim"] for r in rows) > 1 and len(dims) > 1
+    return f"head_dim fixed at {row['head_dim']}" if fixed else "head_dim = d_model / num_heads"
+
+
+def _figure(rows: list[dict[str, Any]], path: Path) -> None:
+    from mha_lightning.monitor.plots import _new_figure, figure_to_png
+
+    fig = _new_figure((12.0, 3.2))
+    axes = fig.subplots(1, 4)
+    variants: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        variants.setdefault(_variant(row, rows), []).append(row)
+    titles = {
+        "value": rows[0]["metric"],
+        "entropy_spread": "entropy spread across heads",
+        "mean_js": "mean JS distance between heads",
+        "share_removable": "share of heads removable (1%)",
+    }
+    for ax, (key, title) in zip(axes, titles.items(), strict=True):
+        for name, group in variants.items():
+            group = sorted(group, key=lambda r: r["num_heads"])
+            ax.plot([r["num_heads"] for r in group], [r[key] for r in group], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("num_heads")
+        ax.set_title(title, fontsize=9)
+    axes[0].legend(fontsize=7)
+    figure_to_png(fig, path)
+
+
+def _markdown(rows: list[dict[str, Any]], multirun: Path) -> str:
+    lines = [f"# Heads study: `{multirun}`", "", "![study](study.png)", ""]
+    lines += ["| num_heads | head_dim | " + rows[0]["metric"] + " | entropy spread | mean JS | removable |"]
+    lines += ["|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["head_dim"] != rows[0]["head_dim"], r["num_heads"], r["head_dim"])):
+        lines.append(
+            f"| {r['num_heads']} | {r['head_dim']} | {r['value']:.3f} | {r['entropy_spread']:.3f} | "
+            f"{r['mean_js']:.3f} | {r['share_removable']:.0%} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    """`mha-heads-study` entry point."""
+    parser = argparse.ArgumentParser(
+        prog="mha-heads-study", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("multirun", type=Path, help="the multirun folder of a heads study (or any num_heads sweep)")
+    args = parser.parse_args(argv)
+    out = study(args.multirun)
+    print(f"study: {out / 'study.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""`mha-analyze` on the tiny model trained on `reverse` (the session's `trained_reverse` run).
+
+`reverse` has a known alignment (output position t copies input position n-1-t), so what the
+analysis finds can be checked: some cross-attention head must follow that alignment, and the
+heads it ranks as important must matter more than the ones it ranks as unimportant."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from helpers.runs import cli_env
+from mha_lightning import evaluate
+
+pytestmark = pytest.mark.slow
+
+
+def run_analyze(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mha_lightning.analysis.cli", *overrides]
+    return subprocess.run(cmd, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+
+
+def test_analysis_finds_the_alignment_head_and_ranks_heads_by_what_removing_them_costs(
+    trained_reverse, tmp_path, capsys
+):
+    out = tmp_path / "analysis"
+    done = run_analyze(
+        tmp_path,
+        f"ckpt={trained_reverse.checkpoint}",
+        "examples=200",
+        "prune.points=7",
+        "prune.random_orders=2",
+        "maps.examples=1",
+        f"hydra.run.dir={out}",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"report: {out / 'report.md'}" in done.stdout
+    results = json.loads((out / "results.json").read_text())
+    stats, pruning = results["statistics"], results["pruning"]
+    assert stats["examples"] == 200
+
+    # A cross-attention head attends, by argmax, to the source token it must copy.
+    best_alignment = max(max(layer) for layer in stats["alignment"]["cross"])
+    assert best_alignment > 0.9, stats["alignment"]["cross"]
+
+    # Removing the most important head costs more than removing the least important one.
+    ablation = pruning["ablation"]
+    assert ablation["most_important"]["metric"] < ablation["least_important"]["metric"], ablation
+    assert pruning["baseline"] >= 0.99  # the trained model, nothing removed
+    assert pruning["points"][0] == 0 and pruning["points"][-1] == 24  # 4 heads x (2 + 2 + 2) attentions
+    assert set(pruning["curves"]) == {"importance", "entropy", "random_0", "random_1"}
+    # With every head gone the model cannot reverse anything.
+    assert all(curve[-1] < 0.05 for curve in pruning["curves"].values()), pruning["curves"]
+
+    # Per-layer normalised importance has unit L2 norm; JS matrices are symmetric with a zero diagonal.
+    for kind, layers in stats["importance_norm"].items():
+        for row in layers:
+            assert sum(v * v for v in row) == pytest.approx(1.0), kind
+    for kind, layers in stats["js"].items():
+        for m in layers:
+            for i in range(4):
+                assert m[i][i] == pytest.approx(0.0, abs=1e-6), kind
+                for j in range(4):
+                    assert m[i][j] == pytest.approx(m[j][i], abs=1e-9)
+
+    # The report: every picture it shows exists as a PNG; every head has a row in heads.csv.
+    report = (out / "report.md").read_text()
+    for section in ("## The heads that matter", "## The heads that look alike", "## How many heads can go"):
+        assert section in report
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert "pruning.png" in images and "maps_0_cross.png" in images and len(images) >= 13
+    for name in images:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    rows = list(csv.DictReader((out / "heads.csv").open()))
+    assert len(rows) == 24 and rows[0]["head"] == "enc_self/L0/H0"
+
+    # The same head removed in mha-eval (the run's own test loop over the whole split) hurts too.
+    capsys.readouterr()
+    most = ablation["most_important"]["head"]
+    assert evaluate.main([str(trained_reverse.checkpoint), "--split", "val", "--head-mask", most]) == 0
+    without = json.loads(capsys.readouterr().out)
+    assert without["val/exact_match"] < 0.9, (most, without)
+
+
+def test_analyze_rejects_a_bad_setting_in_one_line(tmp_path):
+    done = run_analyze(tmp_path, "ckpt=nowhere.ckpt", "prune.points=1")
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: prune.points must be an integer of at least 2, got 1"
+    done = run_analyze(tmp_path)
+    assert done.returncode == 2 and "ckpt is required" in done.stderr and len(done.stderr.strip().splitlines()) == 1
