@@ -355,8 +355,8 @@ def _run_sweep_job(cfg: DictConfig) -> float | None:
     instead (rank 0 asks SLURM; ``resume=auto`` continues it). docs/design.md, "Sweeps of multi-process jobs"."""
     try:
         objective = objective_of(cfg)
-    except UserError as e:
-        return trial_failed(None, first_line(e))
+    except UserError as e:  # the same for every job: the sweep stops here
+        sys.exit(report(e, launcher_rank()))
     try:
         metrics = train(cfg)
     except Preempted as e:
@@ -382,6 +382,17 @@ def _run_sweep_job(cfg: DictConfig) -> float | None:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     if current_sweep_job() is not None:
+        if launcher_rank() is not None and submitit_executor() is None:
+            # torchrun or srun started this process: every rank would run a sweep of its own.
+            sys.exit(
+                report(
+                    ConfigError(
+                        "a sweep (-m, hparams_search) started by torchrun or srun runs once per process; "
+                        "start it with plain mha-train, or on SLURM with hydra/launcher=slurm"
+                    ),
+                    launcher_rank(),
+                )
+            )
         return _run_sweep_job(cfg)
     try:
         metrics = train(cfg)
