@@ -382,8 +382,8 @@ def _run_sweep_job(cfg: DictConfig) -> float | None:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     if current_sweep_job() is not None:
-        if launcher_rank() is not None and submitit_executor() is None:
-            # torchrun or srun started this process: every rank would run a sweep of its own.
+        if _started_with_peers() and submitit_executor() is None:
+            # torchrun or srun started this process and others: every one would run a sweep of its own.
             sys.exit(
                 report(
                     ConfigError(
@@ -411,6 +411,11 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         sys.exit(report(ConfigError(" ".join(str(e).split())), launcher_rank()))
     objective = objective_of(cfg)
     return best_value(objective, metrics) if objective else None
+
+
+def _started_with_peers() -> bool:
+    """Whether an external launcher (torchrun, srun) started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1
 
 
 def _is_lightning_worker() -> bool:
