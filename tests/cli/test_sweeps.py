@@ -19,8 +19,8 @@ from helpers.wandb_offline import find_run_files, read_history, read_run_info, r
 from mha_lightning.train import METRICS_FILE
 
 TP2 = ["trainer.devices=2", "parallel.tensor_parallel_size=2"]
-# Two validations per trial (steps 3 and 6): the objective is the better of the two.
-SHORT = ["trainer.max_steps=6", "trainer.val_check_interval=3", "test=false", "data.num_val=50"]
+# Two validations per trial (steps 3 and 6): the objective is the better of the two. No checkpoints (time).
+SHORT = ["trainer.max_steps=6", "trainer.val_check_interval=3", "test=false", "data.num_val=50", "callbacks=none"]
 
 
 def mha_train_sweep(tmp_path: Path, *overrides: str, timeout: int = 480) -> subprocess.CompletedProcess:
@@ -110,6 +110,7 @@ def test_a_diverging_trial_reports_the_worst_value_and_the_sweep_goes_on(tmp_pat
         "module.scheduler.warmup_steps=1",
         "model.dropout=0.0",
         "logger=csv",
+        "callbacks=none",
         "trainer.max_steps=2",
         "trainer.val_check_interval=1",
         "test=false",

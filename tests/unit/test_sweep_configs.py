@@ -1,5 +1,5 @@
 """Sweep configs compose as a user of lightning-hydra-template expects (Optuna searches, submitit launchers),
-and a trial's objective is its best validation value (the whole sweeps run in cli/test_sweeps.py)."""
+and a trial's objective is its best validation value (whole sweeps run in cli/test_sweeps.py)."""
 
 from __future__ import annotations
 
