@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,17 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mha_lightning.config import MonitorConfig, RunPlan, instantiate, preflight
-from mha_lightning.errors import ConfigError, NonFiniteError, Preempted, RankLost, UserError, report
+from mha_lightning.errors import ConfigError, NonFiniteError, Preempted, RankLost, UserError, first_line, report
+from mha_lightning.sweeps import (
+    adopt_submitit_ranks,
+    best_value,
+    current_sweep_job,
+    label_wandb_run,
+    objective_of,
+    requeue_slurm_job,
+    submitit_executor,
+    trial_failed,
+)
 
 log = logging.getLogger(__name__)
 CONFIG_PATH = "pkg://mha_lightning.conf"
@@ -74,11 +85,16 @@ def build_strategy(plan: RunPlan) -> Any:
 
 def build_callbacks(cfg: DictConfig, monitor: MonitorConfig, world_size: int = 1) -> list:
     """The configured callbacks, the preemption checkpoint (SIGTERM, SIGUSR1), each rank's progress
-    note when there are several, and the monitor if enabled."""
+    note when there are several, the best value of ``optimized_metric`` when set, and the monitor if enabled."""
     from mha_lightning.preemption import PreemptionCheckpoint
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks.append(PreemptionCheckpoint())
+    objective = objective_of(cfg)
+    if objective is not None:
+        from mha_lightning.best_metric import BestMetric
+
+        callbacks.append(BestMetric(objective))
     if world_size > 1:
         from mha_lightning.heartbeat import Heartbeat
 
@@ -197,7 +213,13 @@ def save_final_checkpoint(trainer, module) -> None:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit (and optionally test) one run; returns the final metrics as floats."""
+    """Fit (and optionally test) one run; returns the final metrics as floats, and ``<optimized_metric>_best``,
+    the objective's best value over the run's validations, when the config names one."""
+    objective_of(cfg)  # a bad optimized_direction stops here, before anything runs
+    job = current_sweep_job()
+    if job is not None:
+        label_wandb_run(cfg, job)
+        adopt_submitit_ranks(cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1))
     if _is_sweep_job_needing_processes(cfg):
         return _relaunch_sweep_job(cfg)
 
@@ -236,6 +258,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.get("test") and not trainer.fast_dev_run:
             trainer.test(module, datamodule=datamodule, verbose=trainer.is_global_zero)
             metrics.update(_floats(trainer.callback_metrics))
+        metrics.update(_best_metric(trainer))
     finally:
         _finish_wandb(loggers)
     if trainer.is_global_zero:
@@ -245,6 +268,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 def _floats(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
+
+
+def _best_metric(trainer) -> dict[str, float]:
+    """``{<optimized_metric>_best: value}`` from the BestMetric callback (empty without one, or before a validation)."""
+    from mha_lightning.best_metric import BestMetric
+
+    tracker = next((c for c in trainer.callbacks if isinstance(c, BestMetric)), None)
+    return {tracker.objective.best_key: tracker.best} if tracker is not None and tracker.best is not None else {}
 
 
 def _finish_wandb(loggers: list) -> None:
@@ -314,12 +345,58 @@ def _relaunch_sweep_job(cfg: DictConfig) -> dict[str, float]:
     log.info("sweep job %s needs several processes: running %s", out, " ".join(cmd))
     result = subprocess.run(cmd, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"sweep job in {out} failed with exit code {result.returncode}")
+        # Its own error line is already printed: this one only names the job.
+        raise UserError(f"sweep job in {out} failed with exit code {result.returncode}")
     return json.loads((out / METRICS_FILE).read_text())
+
+
+def _run_sweep_job(cfg: DictConfig) -> float | None:
+    """One job of a sweep: the objective's best value for the sweeper (None without ``optimized_metric``).
+
+    A job that fails or diverges never ends the sweep: it reports the objective's worst value (+inf when
+    minimising), which Optuna records as a completed, bad trial. Under SLURM a preempted job is requeued
+    instead (rank 0 asks SLURM; ``resume=auto`` continues it). docs/design.md, "Sweeps of multi-process jobs"."""
+    try:
+        objective = objective_of(cfg)
+    except UserError as e:  # the same for every job: the sweep stops here
+        sys.exit(report(e, launcher_rank()))
+    try:
+        metrics = train(cfg)
+    except Preempted as e:
+        if submitit_executor() != "slurm":
+            return trial_failed(objective, first_line(e))
+        code = report(e, launcher_rank())
+        requeue_slurm_job(launcher_rank())
+        sys.exit(code)  # a SystemExit: submitit records no result and waits for the requeued job
+    except UserError as e:
+        report(e, launcher_rank())
+        return trial_failed(objective, first_line(e))
+    except Exception as e:  # noqa: BLE001 - a bug in one trial: its traceback goes to the job's log, the sweep goes on
+        log.exception("sweep job %s raised", cfg.paths.output_dir)
+        return trial_failed(objective, f"{type(e).__name__}: {first_line(e)}")
+    if objective is None:
+        return None
+    if objective.best_key not in metrics and objective.metric not in metrics:
+        logged = ", ".join(sorted(k for k in metrics if k.startswith(("val/", "test/"))))
+        return trial_failed(objective, f"optimized_metric {objective.metric} was never logged (logged: {logged})")
+    return best_value(objective, metrics)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    if current_sweep_job() is not None:
+        if _started_with_peers() and submitit_executor() is None:
+            # torchrun or srun started this process and others: every one would run a sweep of its own.
+            sys.exit(
+                report(
+                    ConfigError(
+                        "a sweep (-m, hparams_search) started by torchrun or srun runs once per process; "
+                        "start it with plain mha-train, or on SLURM with hydra/launcher=slurm"
+                    ),
+                    launcher_rank(),
+                )
+            )
+        return _run_sweep_job(cfg)
     try:
         metrics = train(cfg)
     except RankLost as e:
@@ -335,9 +412,13 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         sys.exit(code)
     except OmegaConfBaseException as e:  # e.g. seed=${oops}: an interpolation resolved only now
         sys.exit(report(ConfigError(" ".join(str(e).split())), launcher_rank()))
-    # Sweepers (e.g. Optuna) optimise the returned value.
-    objective = cfg.get("optimized_metric")
-    return metrics.get(objective) if objective else None
+    objective = objective_of(cfg)
+    return best_value(objective, metrics) if objective else None
+
+
+def _started_with_peers() -> bool:
+    """Whether an external launcher (torchrun, srun) started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1
 
 
 def _is_lightning_worker() -> bool:
@@ -360,6 +441,9 @@ def main() -> None:
     """`mha-train` entry point (Hydra parses the command line, once it is known to compose)."""
     from mha_lightning.overrides import check_command_line
 
+    # Our hydra/launcher=submitit_local refines the plugin's config of that name, so Hydra validates it
+    # against the plugin's schema (what we want) and warns that this matching is deprecated (noise).
+    warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_local' is validated against ConfigStore")
     problem = check_command_line(sys.argv[1:])
     if problem is not None:
         sys.exit(report(ConfigError(problem)))

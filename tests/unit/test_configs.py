@@ -288,7 +288,7 @@ def test_debug_configs(make_cfg, name):
 
 @pytest.mark.parametrize("name", options("hparams_search"))
 def test_hparams_search_configs_build_every_job(tmp_path, name):
-    """`mha-train hparams_search=<name>` is a sweep whose every job composes and builds."""
+    """`mha-train hparams_search=<name>` is a sweep whose every job (for Optuna: every value) composes and builds."""
     overrides = [f"hparams_search={name}", "logger=none", *TINY[3:]]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         sweep = compose("train", overrides=overrides, return_hydra_config=True)
@@ -299,12 +299,19 @@ def test_hparams_search_configs_build_every_job(tmp_path, name):
     axes = []
     for key, values in params.items():
         override = parser.parse_override(f"{key}={values}")
+        if override.is_interval_sweep():  # an Optuna search space: both its ends
+            space = override.value()
+            axes.append([f"{key}={space.start}", f"{key}={space.end}"])
+            continue
         axes.append(
             [f"{key}={v}" for v in override.sweep_string_iterator()]
             if override.is_sweep_override()
             else [f"{key}={values}"]
         )
     jobs = list(itertools.product(*axes))
+    if "optuna" in sweep.hydra.sweeper._target_:
+        # A search space, not a list of jobs: every value (interval ends) of each axis, the others at their first.
+        jobs = [tuple(v if a is axis else a[0] for a in axes) for axis in axes for v in axis]
     assert len(jobs) > 1
     for job in jobs:
         cfg = compose_train_config(tmp_path / "run", [*overrides, *job])
