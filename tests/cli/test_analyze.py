@@ -16,6 +16,7 @@ import pytest
 
 from helpers.runs import cli_env
 from mha_lightning import evaluate
+from mha_lightning.analysis import study
 
 pytestmark = pytest.mark.slow
 
@@ -93,3 +94,18 @@ def test_analyze_rejects_a_bad_setting_in_one_line(tmp_path):
     assert done.stderr.strip() == "error: prune.points must be an integer of at least 2, got 1"
     done = run_analyze(tmp_path)
     assert done.returncode == 2 and "ckpt is required" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_heads_study_gathers_the_finished_jobs_of_a_sweep_into_one_table(trained_reverse, tmp_path):
+    multirun = tmp_path / "multirun"
+    (multirun / "0").mkdir(parents=True)
+    (multirun / "0" / "checkpoints").symlink_to(trained_reverse.checkpoint.parent)
+    (multirun / "1").mkdir()  # a job still running: no checkpoint yet, not in the table
+    assert study.main([str(multirun), "--examples", "40", "--points", "3"]) == 0
+    out = multirun / "heads_study"
+    (row,) = csv.DictReader((out / "study.csv").open())
+    assert (row["job"], row["num_heads"], row["head_dim"], row["metric"]) == ("0", "4", "16", "exact_match")
+    assert float(row["value"]) >= 0.99
+    assert 0 < float(row["mean_js"]) < 1 and float(row["entropy_spread"]) > 0
+    assert 0 <= float(row["share_removable"]) < 1
+    assert (out / "study.png").read_bytes()[:4] == b"\x89PNG" and "| 4 | 16 |" in (out / "study.md").read_text()
