@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from helpers.runs import cli_env
+from helpers.wandb_offline import find_run_files, read_history
 from mha_lightning import evaluate
 from mha_lightning.analysis import study
 
@@ -37,6 +38,7 @@ def test_analysis_finds_the_alignment_head_and_ranks_heads_by_what_removing_them
         "prune.points=7",
         "prune.random_orders=2",
         "maps.examples=1",
+        "wandb.enabled=true",
         f"hydra.run.dir={out}",
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -79,6 +81,13 @@ def test_analysis_finds_the_alignment_head_and_ranks_heads_by_what_removing_them
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     rows = list(csv.DictReader((out / "heads.csv").open()))
     assert len(rows) == 24 and rows[0]["head"] == "enc_self/L0/H0"
+
+    # W&B (offline): one analysis run holding the headline numbers and every picture.
+    (run_file,) = find_run_files(out / "wandb")
+    (row,) = read_history(run_file)
+    assert row["analysis/baseline"] == pruning["baseline"]
+    assert row["analysis/removable/importance"] == pruning["removable"]["importance"]
+    assert {f"analysis/{name[:-4]}" for name in images} <= set(row), sorted(row)
 
     # The same head removed in mha-eval (the run's own test loop over the whole split) hurts too.
     capsys.readouterr()
