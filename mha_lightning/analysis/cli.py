@@ -42,11 +42,12 @@ def check(cfg: dict[str, Any]) -> None:
 
 def run(cfg: DictConfig) -> Path:
     """Analyse, render and (optionally) log -> the report's path."""
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    check(settings)  # before importing torch: a typo costs a second, not ten
+
     from mha_lightning.analysis.report import render
     from mha_lightning.analysis.run import analyze
 
-    settings = OmegaConf.to_container(cfg, resolve=True)
-    check(settings)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out / "analyze_config.yaml")

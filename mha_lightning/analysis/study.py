@@ -61,8 +61,9 @@ def job_dirs(multirun: Path) -> list[Path]:
     return sorted((p for p in jobs if (p / "checkpoints" / "last.ckpt").exists()), key=lambda p: int(p.name))
 
 
-def study(multirun: Path) -> Path:
-    """Analyse every finished job of ``multirun`` -> the study's folder (study.csv, study.md, study.png)."""
+def study(multirun: Path, examples: int = 500, points: int = 9) -> Path:
+    """Analyse every finished job of ``multirun`` on ``examples`` validation examples, ``points`` pruning
+    points each -> the study's folder (study.csv, study.md, study.png)."""
     from mha_lightning.analysis.run import analyze
 
     if not multirun.is_dir():
@@ -73,7 +74,8 @@ def study(multirun: Path) -> Path:
     out = multirun / STUDY_DIR
     rows = []
     for job in jobs:
-        settings = {**ANALYSIS, "ckpt": str(job / "checkpoints" / "last.ckpt")}
+        settings = {**ANALYSIS, "ckpt": str(job / "checkpoints" / "last.ckpt"), "examples": examples}
+        settings["prune"] = {**ANALYSIS["prune"], "points": points, "examples": min(examples, 200)}
         results, _ = analyze(settings, out / job.name)
         model = results["model"]
         rows.append(
@@ -140,8 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         prog="mha-heads-study", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("multirun", type=Path, help="the multirun folder of a heads study (or any num_heads sweep)")
+    parser.add_argument("--examples", type=int, default=500, help="validation examples analysed per job")
+    parser.add_argument("--points", type=int, default=9, help="pruning-curve points per job")
     args = parser.parse_args(argv)
-    out = study(args.multirun)
+    if args.examples < 1 or args.points < 2:
+        raise DataError(f"--examples must be at least 1 and --points at least 2, got {args.examples} and {args.points}")
+    out = study(args.multirun, args.examples, args.points)
     print(f"study: {out / 'study.md'}")
     return 0
 

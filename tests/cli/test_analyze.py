@@ -15,7 +15,9 @@ import sys
 import pytest
 
 from helpers.runs import cli_env
+from helpers.wandb_offline import find_run_files, read_history
 from mha_lightning import evaluate
+from mha_lightning.analysis import study
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +38,7 @@ def test_analysis_finds_the_alignment_head_and_ranks_heads_by_what_removing_them
         "prune.points=7",
         "prune.random_orders=2",
         "maps.examples=1",
+        "wandb.enabled=true",
         f"hydra.run.dir={out}",
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -79,6 +82,13 @@ def test_analysis_finds_the_alignment_head_and_ranks_heads_by_what_removing_them
     rows = list(csv.DictReader((out / "heads.csv").open()))
     assert len(rows) == 24 and rows[0]["head"] == "enc_self/L0/H0"
 
+    # W&B (offline): one analysis run holding the headline numbers and every picture.
+    (run_file,) = find_run_files(out / "wandb")
+    (row,) = read_history(run_file)
+    assert row["analysis/baseline"] == pruning["baseline"]
+    assert row["analysis/removable/importance"] == pruning["removable"]["importance"]
+    assert {f"analysis/{name[:-4]}" for name in images} <= set(row), sorted(row)
+
     # The same head removed in mha-eval (the run's own test loop over the whole split) hurts too.
     capsys.readouterr()
     most = ablation["most_important"]["head"]
@@ -93,3 +103,18 @@ def test_analyze_rejects_a_bad_setting_in_one_line(tmp_path):
     assert done.stderr.strip() == "error: prune.points must be an integer of at least 2, got 1"
     done = run_analyze(tmp_path)
     assert done.returncode == 2 and "ckpt is required" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_heads_study_gathers_the_finished_jobs_of_a_sweep_into_one_table(trained_reverse, tmp_path):
+    multirun = tmp_path / "multirun"
+    (multirun / "0").mkdir(parents=True)
+    (multirun / "0" / "checkpoints").symlink_to(trained_reverse.checkpoint.parent)
+    (multirun / "1").mkdir()  # a job still running: no checkpoint yet, not in the table
+    assert study.main([str(multirun), "--examples", "40", "--points", "3"]) == 0
+    out = multirun / "heads_study"
+    (row,) = csv.DictReader((out / "study.csv").open())
+    assert (row["job"], row["num_heads"], row["head_dim"], row["metric"]) == ("0", "4", "16", "exact_match")
+    assert float(row["value"]) >= 0.99
+    assert 0 < float(row["mean_js"]) < 1 and float(row["entropy_spread"]) > 0
+    assert 0 <= float(row["share_removable"]) < 1
+    assert (out / "study.png").read_bytes()[:4] == b"\x89PNG" and "| 4 | 16 |" in (out / "study.md").read_text()
