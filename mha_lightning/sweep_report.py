@@ -68,8 +68,10 @@ class Job:
     error: str | None = None
 
     def objective(self, metric: str) -> float | None:
-        """This job's final value of ``metric`` (None when missing or not finite)."""
-        value = self.metrics.get(metric)
+        """This job's value of ``metric`` as the sweeper saw it: its best over the run's validations
+        (``<metric>_best``, what ``mha-train`` returns) where recorded, else its final value; None when
+        missing or not finite."""
+        value = self.metrics.get(f"{metric}_best", self.metrics.get(metric))
         return float(value) if value is not None and math.isfinite(value) else None
 
 
