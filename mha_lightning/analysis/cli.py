@@ -68,6 +68,7 @@ def summary(results: dict[str, Any], path: Path) -> str:
         lines.append(
             f"{pruning['metric']} {pruning['baseline']:.4f} with every head; {pruning['removable']['importance']} of "
             f"{total} heads removable within {pruning['tolerance']:.0%} (least important first)"
+            + (" -- the full model scores 0: train it longer" if pruning["baseline"] <= 0 else "")
         )
     return "\n".join(lines)
 

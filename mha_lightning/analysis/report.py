@@ -215,6 +215,8 @@ def _markdown(results: dict, rows: list[dict], images, map_images) -> str:
             "",
             "![pruning curve](pruning.png)",
         ]
+        if pruning["baseline"] <= 0:
+            lines += ["", f"**The full model scores 0 {pruning['metric']}: these counts say nothing; train longer.**"]
     lines += ["", "## Pictures", ""]
     lines += [f"### {title}\n\n![{title}]({name})\n" for title, name in images + map_images]
     lines += ["", f"Every head's numbers: `{HEADS_CSV}`; everything measured: `{RESULTS_FILE}`.", ""]
