@@ -547,10 +547,13 @@ class SweepReportCallback(Callback):
         self.use_wandb = use_wandb  # log the report to W&B when the sweep's jobs do
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Record the sweep process (pid, host) in the sweep folder."""
+        """Record the sweep process (pid, host) in the sweep folder, and the sweep's config where the
+        launcher does not (Hydra's basic launcher writes multirun.yaml; the submitit launchers do not)."""
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         note_sweep_process(sweep_dir)
+        if not (sweep_dir / MULTIRUN_FILE).exists():
+            OmegaConf.save(config, sweep_dir / MULTIRUN_FILE)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         """Note whether the job finished or failed (with its error's first line) in its folder."""
