@@ -68,6 +68,40 @@ class DecodingConfig:
         return asdict(self)
 
 
+# torch.compile's modes (its documented values).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """``torch.compile`` of the model's training forward (``module.compile``; docs/design.md, "Compiling")."""
+
+    enabled: bool = False  # off by default: on CPU it does not pay (README, "Training speed")
+    backend: str = "inductor"  # any of torch.compiler.list_backends(exclude_tags=()), e.g. aot_eager to debug
+    mode: str = "default"  # or reduce-overhead, max-autotune, max-autotune-no-cudagraphs
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"module.compile.enabled must be true or false, got {self.enabled!r}")
+        if self.mode not in COMPILE_MODES:
+            raise ConfigError(f"module.compile.mode={self.mode!r} must be one of {list(COMPILE_MODES)}")
+        import torch
+
+        backends = torch.compiler.list_backends(exclude_tags=())
+        if self.backend not in backends:
+            raise ConfigError(
+                f"module.compile.backend={self.backend!r} is not a torch.compile backend; use one of "
+                f"{sorted(set(backends) & {'inductor', 'aot_eager', 'eager', 'cudagraphs'})}"
+            )
+
+    @classmethod
+    def from_dict(cls, values: CompileConfig | Mapping[str, Any] | None) -> CompileConfig:
+        """From the ``module.compile`` config node (missing keys take the defaults)."""
+        if isinstance(values, cls):
+            return values
+        return _from_mapping(cls, values, "module.compile")
+
+
 @dataclass(frozen=True)
 class MonitorConfig:
     """The per-head entropy monitor (``monitor`` group); every field is a YAML key."""
@@ -322,6 +356,7 @@ def preflight(cfg: Any) -> RunPlan:
     if module.get("on_nonfinite", "stop") not in NONFINITE_POLICIES:
         raise ConfigError(f"module.on_nonfinite={module['on_nonfinite']!r} must be one of {list(NONFINITE_POLICIES)}")
     decoding = DecodingConfig.from_dict(module.get("decoding"))
+    CompileConfig.from_dict(module.get("compile"))
     monitor = MonitorConfig.from_dict(c.get("monitor"))
     resume = _resume(c, model)
     if resume is not None:

@@ -16,10 +16,12 @@ from torchmetrics.text import CHRFScore, Perplexity, SacreBLEUScore
 from typing_extensions import override
 
 from mha_lightning import parallel, seeding
-from mha_lightning.config import DecodingConfig
+from mha_lightning.config import CompileConfig, DecodingConfig
 from mha_lightning.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from mha_lightning.errors import ConfigError, NonFiniteError
+from mha_lightning.losses import smoothed_cross_entropy_sum
 from mha_lightning.model import Seq2SeqTransformer
+from mha_lightning.model.attention import SDPACore
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,8 @@ class Seq2SeqModule(L.LightningModule):
     """Trains, validates and tests an injected single-device ``Seq2SeqTransformer``.
 
     ``optimizer`` and ``scheduler`` are partials (Hydra ``_partial_: true``) bound to the
-    parameters after sharding; an evaluation-only module (``mha-eval``) has neither."""
+    parameters after sharding; an evaluation-only module (``mha-eval``) has neither. ``compile``
+    (``module.compile``) runs the training forward through ``torch.compile`` (docs/design.md, "Compiling")."""
 
     def __init__(
         self,
@@ -42,6 +45,7 @@ class Seq2SeqModule(L.LightningModule):
         label_smoothing: float = 0.1,
         decoding: DecodingConfig | dict | None = None,
         on_nonfinite: str = "stop",
+        compile: CompileConfig | dict | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -52,6 +56,10 @@ class Seq2SeqModule(L.LightningModule):
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ConfigError(f"module.on_nonfinite={on_nonfinite!r} must be one of {list(NONFINITE_POLICIES)}")
         self.on_nonfinite = on_nonfinite
+        self.compile_config = CompileConfig.from_dict(compile)
+        # A compiled function, not a submodule: the state dict (checkpoints) keeps the model's own keys.
+        self._compiled_model: Callable[..., Tensor] | None = None
+        self.compiled_calls = 0  # training forwards that ran compiled (monitored steps run eager)
         self.skipped_steps = 0  # steps dropped for a non-finite loss or gradient (on_nonfinite=skip)
         self._shard_rng: seeding.ShardedDropoutRNG | None = None
         self._resumed_rng: list | None = None
@@ -86,14 +94,18 @@ class Seq2SeqModule(L.LightningModule):
     # ----------------------------------------------------------------- sharding
     @override
     def configure_model(self) -> None:
-        """Shard the model over the strategy's (dp, tp) mesh, once (a no-op on one device)."""
+        """Shard the model over the strategy's (dp, tp) mesh, then compile it if asked; each once."""
         mesh = self.device_mesh
-        if mesh is None or getattr(self, "_parallelized", False):
-            return
-        self._shard_rng = parallel.shard_rng_for(self.model, mesh, torch.initial_seed())
-        parallel.parallelize(self.model, mesh, self._shard_rng)
-        self._parallelized = True
-        print(parallel.describe_sharding(self.model, mesh), flush=True)
+        if mesh is not None and not getattr(self, "_parallelized", False):
+            self._shard_rng = parallel.shard_rng_for(self.model, mesh, torch.initial_seed())
+            parallel.parallelize(self.model, mesh, self._shard_rng)
+            self._parallelized = True
+            print(parallel.describe_sharding(self.model, mesh), flush=True)
+        compile = self.compile_config
+        if compile.enabled and self._compiled_model is None:
+            # The whole model, called as a module (its hooks included); lazily compiled at the first
+            # training step. Compilation happens per process, after sharding (docs/design.md, "Compiling").
+            self._compiled_model = torch.compile(self.model.__call__, backend=compile.backend, mode=compile.mode)
 
     @override
     def on_fit_start(self) -> None:
@@ -176,8 +188,16 @@ class Seq2SeqModule(L.LightningModule):
     # ----------------------------------------------------------------- steps
     @override
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
-        """src (B, S), tgt_in (B, T) ids -> logits (B, T, V)."""
+        """src (B, S), tgt_in (B, T) ids -> logits (B, T, V); compiled on ordinary training steps."""
+        if self._compiled_model is not None and self.training and self._default_attention():
+            self.compiled_calls += 1
+            return self._compiled_model(src, tgt_in)
         return self.model(src, tgt_in)
+
+    def _default_attention(self) -> bool:
+        """True unless the monitor (or analysis) swapped attention cores in: those steps run eager,
+        so the compiled graph never sees a probing core and never recompiles (docs/design.md, "Compiling")."""
+        return all(type(attn.core) is SDPACore for mods in self.model.attention_layers().values() for attn in mods)
 
     def _loss(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         return token_loss(logits, target, self.label_smoothing, self.dp_group if self.dp_size > 1 else None)
@@ -312,13 +332,8 @@ def token_loss(logits: Tensor, target: Tensor, label_smoothing: float = 0.0, dp_
 
     The mean is over all target tokens of the global batch, not a mean of per-rank means:
     with ``dp_group`` (FSDP averages gradients over it) the gradient is exactly the dp=1 one."""
-    token_loss_sum = F.cross_entropy(
-        logits.flatten(0, 1).float(),
-        target.flatten(),
-        ignore_index=PAD_ID,
-        label_smoothing=label_smoothing,
-        reduction="sum",
-    )
+    # F.cross_entropy's value and gradient, the gradient computed in the same pass (losses.py).
+    token_loss_sum = smoothed_cross_entropy_sum(logits.flatten(0, 1).float(), target.flatten(), PAD_ID, label_smoothing)
     totals = torch.stack([token_loss_sum.detach(), (target != PAD_ID).sum().float()])
     dp_size = 1
     if dp_group is not None:
