@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from mha_lightning.errors import DataError, exit_on_user_error
 
 STUDY_DIR = "heads_study"
-COLUMNS = ("job", "num_heads", "head_dim", "metric", "value", "entropy_spread", "mean_js", "share_removable")
+SPLIT = "head_dim = d_model / num_heads"
+COLUMNS = ("job", "variant", "num_heads", "head_dim", "metric", "value", "entropy_spread", "mean_js", "share_removable")
 ANALYSIS = {
     "examples": 500,
     "batch_size": 64,
@@ -78,9 +80,9 @@ def study(multirun: Path, examples: int = 500, points: int = 9) -> Path:
         settings["prune"] = {**ANALYSIS["prune"], "points": points, "examples": min(examples, 200)}
         results, _ = analyze(settings, out / job.name)
         model = results["model"]
-        rows.append(
-            {"job": job.name, "num_heads": model["num_heads"], "head_dim": model["head_dim"], **summarise(results)}
-        )
+        shape = (model["num_heads"], model["head_dim"], model["d_model"])
+        row = {"job": job.name, "variant": variant(job, *shape), "num_heads": shape[0], "head_dim": shape[1]}
+        rows.append({**row, **summarise(results)})
     out.mkdir(parents=True, exist_ok=True)
     with (out / "study.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -92,10 +94,16 @@ def study(multirun: Path, examples: int = 500, points: int = 9) -> Path:
     return out
 
 
-def _variant(row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    dims = {r["num_heads"] * r["head_dim"] for r in rows if r["head_dim"] == row["head_dim"]}
-    fixed = sum(r["head_dim"] == row["head_dim"] for r in rows) > 1 and len(dims) > 1
-    return f"head_dim fixed at {row['head_dim']}" if fixed else "head_dim = d_model / num_heads"
+def variant(job: Path, num_heads: int, head_dim: int, d_model: int) -> str:
+    """Which arm of the study a job is: its ``model.head_dim`` override (``null``: the width split into
+    heads), else read from its shape."""
+    overrides = job / ".hydra" / "overrides.yaml"
+    values = yaml.safe_load(overrides.read_text()) if overrides.exists() else []
+    for item in values or []:
+        key, _, value = str(item).partition("=")
+        if key.lstrip("+~") == "model.head_dim":
+            return SPLIT if value in ("null", "None", "") else f"head_dim fixed at {value}"
+    return SPLIT if num_heads * head_dim == d_model else f"head_dim {head_dim}"
 
 
 def _figure(rows: list[dict[str, Any]], path: Path) -> None:
@@ -105,7 +113,7 @@ def _figure(rows: list[dict[str, Any]], path: Path) -> None:
     axes = fig.subplots(1, 4)
     variants: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        variants.setdefault(_variant(row, rows), []).append(row)
+        variants.setdefault(row["variant"], []).append(row)
     titles = {
         "value": rows[0]["metric"],
         "entropy_spread": "entropy spread across heads",
@@ -125,11 +133,11 @@ def _figure(rows: list[dict[str, Any]], path: Path) -> None:
 
 def _markdown(rows: list[dict[str, Any]], multirun: Path) -> str:
     lines = [f"# Heads study: `{multirun}`", "", "![study](study.png)", ""]
-    lines += ["| num_heads | head_dim | " + rows[0]["metric"] + " | entropy spread | mean JS | removable |"]
-    lines += ["|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["head_dim"] != rows[0]["head_dim"], r["num_heads"], r["head_dim"])):
+    lines += ["| variant | num_heads | head_dim | " + rows[0]["metric"] + " | entropy spread | mean JS | removable |"]
+    lines += ["|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["variant"], r["num_heads"])):
         lines.append(
-            f"| {r['num_heads']} | {r['head_dim']} | {r['value']:.3f} | {r['entropy_spread']:.3f} | "
+            f"| {r['variant']} | {r['num_heads']} | {r['head_dim']} | {r['value']:.3f} | {r['entropy_spread']:.3f} | "
             f"{r['mean_js']:.3f} | {r['share_removable']:.0%} |"
         )
     return "\n".join(lines) + "\n"

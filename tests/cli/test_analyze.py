@@ -118,3 +118,4 @@ def test_heads_study_gathers_the_finished_jobs_of_a_sweep_into_one_table(trained
     assert 0 < float(row["mean_js"]) < 1 and float(row["entropy_spread"]) > 0
     assert 0 <= float(row["share_removable"]) < 1
     assert (out / "study.png").read_bytes()[:4] == b"\x89PNG" and "| 4 | 16 |" in (out / "study.md").read_text()
+    assert row["variant"] == "head_dim = d_model / num_heads"  # no head_dim override: read from the shape
