@@ -34,9 +34,9 @@ def test_analysis_finds_the_alignment_head_and_ranks_heads_by_what_removing_them
     done = run_analyze(
         tmp_path,
         f"ckpt={trained_reverse.checkpoint}",
-        "examples=200",
-        "prune.points=7",
-        "prune.random_orders=2",
+        "examples=120",
+        "prune.points=5",
+        "prune.random_orders=1",
         "maps.examples=1",
         "wandb.enabled=true",
         f"hydra.run.dir={out}",
@@ -45,7 +45,7 @@ def test_analysis_finds_the_alignment_head_and_ranks_heads_by_what_removing_them
     assert f"report: {out / 'report.md'}" in done.stdout
     results = json.loads((out / "results.json").read_text())
     stats, pruning = results["statistics"], results["pruning"]
-    assert stats["examples"] == 200
+    assert stats["examples"] == 120
 
     # A cross-attention head attends, by argmax, to the source token it must copy.
     best_alignment = max(max(layer) for layer in stats["alignment"]["cross"])
@@ -56,7 +56,7 @@ def test_analysis_finds_the_alignment_head_and_ranks_heads_by_what_removing_them
     assert ablation["most_important"]["metric"] < ablation["least_important"]["metric"], ablation
     assert pruning["baseline"] >= 0.99  # the trained model, nothing removed
     assert pruning["points"][0] == 0 and pruning["points"][-1] == 24  # 4 heads x (2 + 2 + 2) attentions
-    assert set(pruning["curves"]) == {"importance", "entropy", "random_0", "random_1"}
+    assert set(pruning["curves"]) == {"importance", "entropy", "random_0"}
     # With every head gone the model cannot reverse anything.
     assert all(curve[-1] < 0.05 for curve in pruning["curves"].values()), pruning["curves"]
 
