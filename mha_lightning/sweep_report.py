@@ -569,6 +569,10 @@ class SweepReportCallback(Callback):
                 job_return.return_value  # noqa: B018  (raises the job's exception)
             except Exception as e:  # noqa: BLE001 - whatever the job raised is what the report names
                 note["error"] = f"{type(e).__name__}: {first_line(e)}"
+        elif isinstance(job_return.return_value, float) and not math.isfinite(job_return.return_value):
+            # A trial that failed or diverged returns its objective's worst value so the sweep goes on
+            # (docs/design.md, "Sweeps of multi-process jobs"): for the report it failed.
+            note = {"status": FAILED, "error": f"the trial failed or diverged (reported {job_return.return_value})"}
         job_dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(job_dir / JOB_STATE_FILE, json.dumps(note, indent=2))
         if note["status"] == FAILED:

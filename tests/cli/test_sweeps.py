@@ -3,6 +3,7 @@ diverging trial that reports the worst value instead of ending the sweep."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -132,3 +133,7 @@ def test_a_diverging_trial_reports_the_worst_value_and_the_sweep_goes_on(tmp_pat
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert results["best_value"] == best and math.isfinite(best)
     assert results["best_params"]["module.optimizer.lr"] == 1e-3
+    # The sweep report marks the diverged trial failed and picks the good one.
+    report = {row["job"]: row for row in csv.DictReader((sweep / "sweep_report.csv").open())}
+    assert (report[diverged]["status"], report[good]["status"]) == ("failed", "finished")
+    assert "diverged" in report[diverged]["error"] and report[good]["best"] == "True"
