@@ -421,13 +421,11 @@ def _fmt(value: Any) -> str:
 def render_figure(sweep: Sweep, path: Path) -> Path:
     """One subplot per swept key: the objective of every finished job against that key's value (numbers on
     a numeric axis, anything else as categories); the best job is a star."""
-    from matplotlib.figure import Figure
-
-    from mha_lightning.monitor.plots import figure_to_png
+    from mha_lightning.monitor.plots import figure_to_png, new_figure
 
     metric = sweep.objective.metric
     keys = list(sweep.swept) or ["job"]
-    fig = Figure(figsize=(4.2 * len(keys), 3.6), layout="constrained")
+    fig = new_figure((4.2 * len(keys), 3.6))
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
     done = [j for j in sweep.jobs if j.objective(metric) is not None]
     best = sweep.best

@@ -16,7 +16,7 @@ import torch
 
 from mha_lightning.analysis.run import MAPS_FILE, RESULTS_FILE
 from mha_lightning.kinds import ATTENTION_KINDS, Head
-from mha_lightning.monitor.plots import _new_figure, figure_to_png, heatmap_figure
+from mha_lightning.monitor.plots import figure_to_png, heatmap_figure, new_figure
 
 HEADS_CSV = "heads.csv"
 REPORT = "report.md"
@@ -51,7 +51,7 @@ def similar_pairs(stats: dict[str, Any], count: int = 5) -> list[tuple[float, st
 
 def _js_figure(matrices: np.ndarray, kind: str):
     layers, heads = matrices.shape[0], matrices.shape[1]
-    fig = _new_figure((1.2 + 2.6 * layers, 2.9))
+    fig = new_figure((1.2 + 2.6 * layers, 2.9))
     axes = fig.subplots(1, layers, squeeze=False)[0]
     for layer, ax in enumerate(axes):
         im = ax.imshow(matrices[layer], vmin=0.0, vmax=1.0, cmap="magma")
@@ -63,7 +63,7 @@ def _js_figure(matrices: np.ndarray, kind: str):
 
 
 def _pruning_figure(pruning: dict[str, Any]):
-    fig = _new_figure((6.4, 4.0))
+    fig = new_figure((6.4, 4.0))
     ax = fig.subplots()
     points = pruning["points"]
     curves = pruning["curves"]
@@ -84,7 +84,7 @@ def _pruning_figure(pruning: dict[str, Any]):
 def _maps_figure(maps: list[torch.Tensor], example: int, kind: str, keys: list[str], queries: list[str]):
     layers, heads = len(maps), maps[0].shape[1]
     size = max(1.6, min(3.2, 0.16 * max(len(keys), len(queries))))
-    fig = _new_figure((0.8 + size * heads, 0.6 + size * layers))
+    fig = new_figure((0.8 + size * heads, 0.6 + size * layers))
     axes = fig.subplots(layers, heads, squeeze=False)
     for layer in range(layers):
         for head in range(heads):

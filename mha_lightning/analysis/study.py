@@ -107,9 +107,9 @@ def variant(job: Path, num_heads: int, head_dim: int, d_model: int) -> str:
 
 
 def _figure(rows: list[dict[str, Any]], path: Path) -> None:
-    from mha_lightning.monitor.plots import _new_figure, figure_to_png
+    from mha_lightning.monitor.plots import figure_to_png, new_figure
 
-    fig = _new_figure((12.0, 3.2))
+    fig = new_figure((12.0, 3.2))
     axes = fig.subplots(1, 4)
     variants: dict[str, list[dict[str, Any]]] = {}
     for row in rows:

@@ -63,7 +63,8 @@ _PNG_DPI = 150
 # --------------------------------------------------------------------------- figures
 
 
-def _new_figure(figsize: tuple[float, float]) -> Figure:
+def new_figure(figsize: tuple[float, float]) -> Figure:
+    """A constrained-layout figure on a headless Agg canvas (what every PNG of the package is drawn on)."""
     fig = Figure(figsize=figsize, layout="constrained")
     FigureCanvasAgg(fig)  # attach a headless canvas; no pyplot, no global state
     return fig
@@ -124,7 +125,7 @@ def heatmap_figure(
         cell_h = min(0.4, max(0.1, 8.0 / n_layers))
     width = min(18.0, max(5.0, 2.2 + n_heads * cell_w))
     height = min(14.0, max(3.0, 1.5 + n_layers * cell_h))
-    fig = _new_figure((width, height))
+    fig = new_figure((width, height))
     ax = fig.add_subplot()
 
     finite = a[np.isfinite(a)]
@@ -226,7 +227,7 @@ def plot_entropy_over_steps(
     ncols = min(3, n_layers)
     nrows = math.ceil(n_layers / ncols)
     legend_w = 0 if n_heads > 20 else (1.0 if n_heads <= 10 else 1.7)
-    fig = _new_figure((min(18.0, ncols * 4.0 + legend_w + 0.6), min(20.0, nrows * 2.7 + 0.8)))
+    fig = new_figure((min(18.0, ncols * 4.0 + legend_w + 0.6), min(20.0, nrows * 2.7 + 0.8)))
     axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)
     colors = _head_colors(n_heads)
     marker = "o" if steps.size <= 25 else None
