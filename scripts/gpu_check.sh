@@ -45,7 +45,7 @@ else
 fi
 
 part "1/4 tests that need CUDA (pytest -m gpu)"
-timeout "${LIMITS[0]}" python -m pytest -m gpu -q -p no:cacheprovider -rs tests/unit/test_gpu.py \
+timeout "${LIMITS[0]}" python -m pytest -n 0 -m gpu -q -p no:cacheprovider -rs tests/unit/test_gpu.py \
   || fail "pytest -m gpu (exit $?)"
 
 part "2/4 mha-train ${TRAIN_ARGS[*]}"

@@ -8,6 +8,19 @@ from omegaconf import DictConfig
 
 from helpers.config import compose_train_config
 
+# Files whose tests share a session fixture: one pytest-xdist worker runs them all, so the
+# fixture is built once (trained_reverse, tests/cli/conftest.py, ~100 s).
+SHARED_FIXTURE_GROUPS = {"test_learning.py": "trained_reverse", "test_analyze.py": "trained_reverse"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the items
+def pytest_collection_modifyitems(items):
+    """Under `pytest -n 2 --dist loadgroup` (the README's test command) a file's tests stay on one
+    worker: module fixtures (a trained tp=2 run, a spawned world) are built once, not once a worker."""
+    for item in items:
+        group = SHARED_FIXTURE_GROUPS.get(item.path.name, item.nodeid.split("::")[0])
+        item.add_marker(pytest.mark.xdist_group(group))
+
 
 @pytest.fixture
 def make_cfg(tmp_path):

@@ -15,9 +15,6 @@ import numpy as np
 
 from mha_lightning.kinds import Head
 
-# Heads to remove -> the task metric of the model without them.
-Scorer = Callable[[list[Head]], float]
-
 
 def ranked_heads(values: dict[str, np.ndarray], descending: bool = False, skip: Sequence[Head] = ()) -> list[Head]:
     """Every head, ordered by ``values`` (kind -> (layers, heads)); ties keep kind, layer, head order."""
@@ -46,11 +43,6 @@ def curve_points(num_heads: int, points: int) -> list[int]:
     return sorted({round(i * num_heads / (points - 1)) for i in range(points)})
 
 
-def pruning_curve(score: Scorer, order: Sequence[Head], points: Sequence[int], baseline: float) -> list[float]:
-    """The metric after removing the first k heads of ``order``, for each k in ``points`` (k = 0: ``baseline``)."""
-    return [baseline if k == 0 else score(list(order[:k])) for k in points]
-
-
 def prunable(points: Sequence[int], metric: Sequence[float], baseline: float, tolerance: float = 0.01) -> int:
     """The most heads removable, along one curve, while every point so far keeps the metric within
     ``tolerance`` (relative) of ``baseline``."""
@@ -63,22 +55,20 @@ def prunable(points: Sequence[int], metric: Sequence[float], baseline: float, to
 
 
 def refine_removable(
-    score_at: Callable[[int], float],
+    scores_at: Callable[[list[int]], list[float]],
     points: Sequence[int],
     metric: Sequence[float],
     baseline: float,
     tolerance: float = 0.01,
 ) -> int:
-    """:func:`prunable` to the exact head: bisect between the last measured point within ``tolerance``
-    and the next one (``score_at(k)``: the metric with the first k heads of the order removed),
-    assuming the metric does not recover in between (a few decodes instead of one per head)."""
+    """:func:`prunable` to the exact head: between the last measured point within ``tolerance`` and
+    the next one, every head count is scored (``scores_at(ks)``: the metric with the first k heads of
+    the order removed, for each k; one batched call), and the count before the first drop wins."""
     low = prunable(points, metric, baseline, tolerance)
     later = [k for k in points if k > low]
-    high = later[0] if later else low
-    while high - low > 1:
-        middle = (low + high) // 2
-        if score_at(middle) >= baseline * (1.0 - tolerance) - 1e-12:
-            low = middle
-        else:
-            high = middle
+    between = list(range(low + 1, later[0])) if later else []
+    for k, value in zip(between, scores_at(between) if between else [], strict=True):
+        if value < baseline * (1.0 - tolerance) - 1e-12:
+            break
+        low = k
     return low

@@ -17,23 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from mha_lightning.analysis.heads import HeadStatistics, measure_heads
-from mha_lightning.analysis.pruning import (
-    curve_points,
-    prunable,
-    pruning_curve,
-    random_order,
-    ranked_heads,
-    refine_removable,
-)
+from mha_lightning.analysis.pruning import curve_points, prunable, random_order, ranked_heads, refine_removable
+from mha_lightning.analysis.scoring import TaskScorer
 from mha_lightning.data.batching import collate
-from mha_lightning.data.datamodule import strip_ids
-from mha_lightning.data.vocab import EOS_ID
 from mha_lightning.errors import ConfigError
 from mha_lightning.kinds import Head
 
@@ -64,55 +54,24 @@ def batches(pairs: list, batch_size: int, first: int) -> Iterator[tuple[dict[str
         yield collate(chunk), chunk
 
 
-class TaskScorer:
-    """Decodes the analysed examples with the model's own decoding and scores them as validation does
-    (exact match on synthetic tasks, sacreBLEU on text), with chosen heads removed."""
-
-    def __init__(self, module, data, pairs: list, batch_size: int, apply_mask) -> None:
-        self.module, self.data, self.pairs = module, data, sorted(pairs, key=lambda p: len(p[0]))
-        self.batch_size = batch_size
-        self.apply_mask = apply_mask  # list[Head] -> None: gates those heads to 0 (sharding-aware)
-        self.name = "bleu" if getattr(data, "is_text", False) else "exact_match"
-
-    @torch.no_grad()
-    def __call__(self, removed: list[Head]) -> float:
-        """The metric without ``removed`` (the model's own mask is restored afterwards)."""
-        self.apply_mask(removed)
-        try:
-            hyps = []
-            for start in range(0, len(self.pairs), self.batch_size):
-                src = collate(self.pairs[start : start + self.batch_size])["src"]
-                hyps += self.module.generate(src.to(self.module.device)).tolist()
-        finally:
-            self.apply_mask([])
-        return self._score(hyps)
-
-    def _score(self, hyps: list[list[int]]) -> float:
-        if self.name == "exact_match":
-            # As validation scores it: the hypothesis, ended by EOS, is the target.
-            hits = [EOS_ID in h and strip_ids(h) == list(tgt) for h, (_, tgt) in zip(hyps, self.pairs, strict=True)]
-            return float(np.mean(hits))
-        from torchmetrics.text import SacreBLEUScore
-
-        refs = [[self.data.detokenize(list(tgt) + [EOS_ID])] for _, tgt in self.pairs]
-        return float(SacreBLEUScore()([self.data.detokenize(h) for h in hyps], refs))
-
-
 def prune(stats: HeadStatistics, scorer: TaskScorer, masked: list[Head], cfg: dict[str, Any]) -> dict[str, Any]:
-    """Pruning curves in three kinds of order, single-head ablations and the heads removable at ``tolerance``."""
-    baseline = scorer([])
+    """Pruning curves in three kinds of order, single-head ablations and the heads removable at
+    ``tolerance``. Every mask of every curve is scored in one batched call (``TaskScorer.scores``)."""
     order = ranked_heads(stats.importance_norm, skip=masked)
     points = curve_points(len(order), int(cfg["points"]))
     orders = {"importance": order, "entropy": ranked_heads(stats.entropy_norm, descending=True, skip=masked)}
     orders.update({f"random_{seed}": random_order(order, seed) for seed in range(int(cfg["random_orders"]))})
-    curves = {}
-    for name, heads in tqdm(orders.items(), desc="pruning curves", unit="order"):
-        curves[name] = pruning_curve(lambda removed: scorer(masked + removed), heads, points, baseline)
+    removed = [list(heads[:k]) for heads in orders.values() for k in points if k > 0]
+    ablations = [[order[-1]], [order[0]]]  # the most and the least important head alone
+    values = scorer.scores([[], *removed, *ablations])
+    baseline, values = values[0], iter(values[1:])
+    curves = {name: [baseline if k == 0 else next(values) for k in points] for name in orders}
+    most, least = next(values), next(values)
     tolerance = float(cfg["tolerance"])
     removable = {name: prunable(points, curve, baseline, tolerance) for name, curve in curves.items()}
     # The headline number (least important first) to the exact head, between the measured points.
     removable["importance"] = refine_removable(
-        lambda k: scorer(masked + order[:k]), points, curves["importance"], baseline, tolerance
+        lambda ks: scorer.scores([order[:k] for k in ks]), points, curves["importance"], baseline, tolerance
     )
     return {
         "metric": scorer.name,
@@ -123,8 +82,8 @@ def prune(stats: HeadStatistics, scorer: TaskScorer, masked: list[Head], cfg: di
         "curves": curves,
         "removable": removable,
         "ablation": {
-            "most_important": {"head": str(order[-1]), "metric": scorer(masked + [order[-1]])},
-            "least_important": {"head": str(order[0]), "metric": scorer(masked + [order[0]])},
+            "most_important": {"head": str(order[-1]), "metric": most},
+            "least_important": {"head": str(order[0]), "metric": least},
         },
     }
 
@@ -155,14 +114,9 @@ def analyze_model(module, data, pairs: list, cfg: dict[str, Any], *, tp_rank: in
         "statistics": stats.to_dict(),
     }
     if cfg["prune"]["enabled"]:
-
-        def apply_mask(removed: list[Head]) -> None:
-            model.set_head_mask(masked + removed if removed else masked)
-            if tp_size > 1:
-                parallel.shard_head_gates(model, tp_rank, tp_size)
-
         n = cfg["prune"]["examples"] or len(pairs)
-        scorer = TaskScorer(module, data, pairs[:n], int(cfg["batch_size"]), apply_mask)
+        heads = parallel.head_layout(model.config.num_heads, tp_rank, tp_size)
+        scorer = TaskScorer(module, data, pairs[:n], int(cfg["batch_size"]), heads, fixed=masked, progress=tp_rank == 0)
         results["pruning"] = prune(stats, scorer, masked, cfg["prune"])
     example_maps = {"pairs": pairs[: int(cfg["maps"]["examples"])], "maps": maps}
     return results, example_maps

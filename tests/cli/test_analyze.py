@@ -17,7 +17,10 @@ import pytest
 from helpers.runs import cli_env
 from helpers.wandb_offline import find_run_files, read_history
 from mha_lightning import evaluate
-from mha_lightning.analysis import study
+from mha_lightning.analysis import run, study
+from mha_lightning.analysis.pruning import random_order
+from mha_lightning.analysis.scoring import TaskScorer
+from mha_lightning.kinds import Head
 
 pytestmark = pytest.mark.slow
 
@@ -119,3 +122,28 @@ def test_heads_study_gathers_the_finished_jobs_of_a_sweep_into_one_table(trained
     assert 0 <= float(row["share_removable"]) < 1
     assert (out / "study.png").read_bytes()[:4] == b"\x89PNG" and "| 4 | 16 |" in (out / "study.md").read_text()
     assert row["variant"] == "head_dim = d_model / num_heads"  # no head_dim override: read from the shape
+
+
+def test_batched_scoring_of_head_masks_equals_decoding_each_mask(trained_reverse):
+    """The pruning curves' scorer: exact match from one teacher-forced pass, several masks a batch,
+    is the number greedy decoding gives mask by mask, on masks from harmless to fatal."""
+    module, data, pairs = run.load(str(trained_reverse.checkpoint), "val", 150)
+    every = [
+        Head(kind, layer, h)
+        for kind, mods in module.model.attention_layers().items()
+        for layer in range(len(mods))
+        for h in range(4)
+    ]
+    masks = [[], *([every[i]] for i in range(0, 24, 5)), random_order(every, 1)[:6], random_order(every, 2)[:12], every]
+    heads = range(module.model.config.num_heads)
+    fast = TaskScorer(module, data, pairs, 64, heads, progress=False)
+    slow = TaskScorer(module, data, pairs, 64, heads, teacher_forced=False, progress=False)
+    assert fast.teacher_forced and not slow.teacher_forced
+    batched = fast.scores(masks)
+    one_by_one = [slow.scores([mask])[0] for mask in masks]
+    assert batched == one_by_one
+    assert batched[0] >= 0.99 and batched[-1] == 0.0 and len(set(batched)) >= 4, batched
+    assert fast.passes == 2 + 2 + 1  # batches of 64, 64, 22 examples; a pass holds 512 rows (8 masks of 64)
+    # Decoding batches masks too, with the same numbers; the model's own gates are back afterwards.
+    assert slow.scores(masks) == one_by_one
+    assert all(attn.head_gate is None for mods in module.model.attention_layers().values() for attn in mods)

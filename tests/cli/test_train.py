@@ -18,7 +18,10 @@ from helpers.corpus import write_corpus
 from helpers.runs import cli_env, csv_train_rows
 from helpers.wandb_offline import find_run_files, read_history, read_run_info
 from mha_lightning import evaluate
+from mha_lightning.analysis import run as analysis_run
+from mha_lightning.analysis.scoring import TaskScorer
 from mha_lightning.data import SyntheticDataModule
+from mha_lightning.kinds import Head
 from mha_lightning.train import METRICS_FILE, train
 
 SMALL_EVAL = ["data.num_val=100", "data.num_test=100"]
@@ -200,6 +203,16 @@ def test_text_end_to_end_with_bpe(make_cfg, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     for key in ("test/bleu", "test/chrf", "test/exact_match", "test/loss", "test/acc"):
         assert result[key] == metrics[key], key
+
+    # mha-analyze's scorer on text: sacreBLEU of the decoded split, as validation reports it, and
+    # head masks decoded side by side in one batch give what each gives decoded alone.
+    module, data, pairs = analysis_run.load(str(run / "checkpoints" / "last.ckpt"), "val", 40)
+    scorer = TaskScorer(module, data, pairs, 64, range(module.model.config.num_heads), progress=False)
+    assert scorer.name == "bleu" and not scorer.teacher_forced
+    masks = [[], [Head("cross", 0, h) for h in range(4)], [Head("enc_self", 1, 2)], [Head("dec_self", 0, 0)]]
+    batched = scorer.scores(masks)
+    assert batched == [scorer.scores([mask])[0] for mask in masks]
+    assert batched[0] == pytest.approx(metrics["val/bleu"], abs=1e-6) and batched[1] < batched[0]
 
 
 def _train_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:

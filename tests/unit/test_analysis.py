@@ -119,10 +119,15 @@ def test_pruning_orders_points_and_the_removable_count():
     assert curve_points(3, 13) == [0, 1, 2, 3]
     # Within 1% of 0.9 until 8 heads are gone; a later recovery does not count.
     assert prunable([0, 4, 8, 12, 16], [0.9, 0.899, 0.8911, 0.5, 0.9], 0.9, 0.01) == 8
-    # Between the measured points the exact head is found by bisection, with few extra decodes.
-    truth, asked = {k: 1.0 if k <= 5 else 0.5 for k in range(13)}, []
-    found = refine_removable(lambda k: asked.append(k) or truth[k], [0, 4, 8, 12], [1.0, 1.0, 0.5, 0.5], 1.0)
-    assert found == 5 and sorted(asked) == [5, 6]
+    # Between the measured points every head count is scored in one call; the first drop ends it.
+    truth, asked = {k: 1.0 if k <= 5 or k == 7 else 0.5 for k in range(13)}, []
+    found = refine_removable(
+        lambda ks: asked.append(ks) or [truth[k] for k in ks], [0, 4, 8, 12], [1.0, 1.0, 0.5, 0.5], 1.0
+    )
+    assert found == 5 and asked == [[5, 6, 7]]
+    # Nothing between the points (the last point holds, or the next point is adjacent): no call.
+    assert refine_removable(lambda ks: asked.append(ks) or [], [0, 1, 2], [1.0, 1.0, 1.0], 1.0) == 2
+    assert len(asked) == 1
 
 
 def test_head_names_round_trip_and_match_the_logged_keys():
