@@ -82,19 +82,38 @@ def _pruning_figure(pruning: dict[str, Any]):
 
 
 def _maps_figure(maps: list[torch.Tensor], example: int, kind: str, keys: list[str], queries: list[str]):
+    """All heads of every layer of one example: a row per layer, the heads side by side in it.
+
+    Each row is one image (the heads' maps with a blank column between them) on one Axes: a
+    separate Axes per head laid out its own tick labels, which made the maps most of the report's
+    rendering time (24 heads: about 1.3 s a figure against 0.3 s)."""
     layers, heads = len(maps), maps[0].shape[1]
-    size = max(1.6, min(3.2, 0.16 * max(len(keys), len(queries))))
+    T, S = len(queries), len(keys)
+    size = max(1.6, min(3.2, 0.16 * max(S, T)))
     fig = new_figure((0.8 + size * heads, 0.6 + size * layers))
-    axes = fig.subplots(layers, heads, squeeze=False)
-    for layer in range(layers):
+    axes = fig.subplots(layers, 1, squeeze=False)[:, 0]
+    stride = S + 1  # a blank (NaN) column after each head
+    centres = [h * stride + (S - 1) / 2 for h in range(heads)]
+    for layer, ax in enumerate(axes):
+        row = np.full((T, heads * stride - 1), np.nan)
         for head in range(heads):
-            ax = axes[layer][head]
-            m = maps[layer][example, head, : len(queries), : len(keys)].numpy()
-            ax.imshow(m, vmin=0.0, vmax=1.0, cmap="Blues", aspect="auto")
-            ax.set_title(f"L{layer} H{head}", fontsize=8)
-            ax.set_xticks(range(len(keys)), keys, rotation=90, fontsize=5)
-            ax.set_yticks(range(len(queries)), queries, fontsize=5)
-    fig.suptitle(f"{kind}: example {example} (rows: queries, columns: keys)", fontsize=10)
+            row[:, head * stride : head * stride + S] = maps[layer][example, head, :T, :S].numpy()
+        ax.imshow(row, vmin=0.0, vmax=1.0, cmap="Blues", aspect="auto", interpolation="nearest")
+        ax.set_yticks(range(T), queries, fontsize=5)
+        ax.set_ylabel(f"L{layer}", fontsize=8)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        if layer == 0:  # head names above the top row
+            top = ax.secondary_xaxis("top")
+            top.set_xticks(centres, [f"H{h}" for h in range(heads)], fontsize=8)
+            top.tick_params(length=0)
+            top.spines["top"].set_visible(False)
+        if layer == layers - 1:  # key tokens under every head of the bottom row
+            ticks = [h * stride + i for h in range(heads) for i in range(S)]
+            ax.set_xticks(ticks, keys * heads, rotation=90, fontsize=5)
+        else:
+            ax.set_xticks([])
+    fig.suptitle(f"{kind}: example {example} (rows: queries, columns: keys; one panel per head)", fontsize=10)
     return fig
 
 
