@@ -13,8 +13,8 @@ from mha_lightning.sweeps import Objective
 
 class BestMetric(L.Callback):
     """The best finite value of ``objective.metric`` over the run's validations (:attr:`best`), so that a
-    trial is judged by its best checkpoint, not its last. At the end of fitting it goes into the W&B run's
-    summary as ``<metric>_best`` (e.g. ``val/loss_best``), a column of the dashboard's runs table."""
+    trial is judged by its best checkpoint, not its last. Each new best goes into the W&B run's summary as
+    ``<metric>_best`` (e.g. ``val/loss_best``), a column of the dashboard's runs table."""
 
     def __init__(self, objective: Objective) -> None:
         self.objective = objective
@@ -26,13 +26,11 @@ class BestMetric(L.Callback):
         if trainer.sanity_checking or value is None:
             return
         value = float(value)
-        if math.isfinite(value) and self.objective.better(value, self.best):
-            self.best = value
-
-    @override
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.best is None or not trainer.is_global_zero:
+        if not (math.isfinite(value) and self.objective.better(value, self.best)):
             return
-        for lg in trainer.loggers:
+        self.best = value
+        if not trainer.is_global_zero:
+            return
+        for lg in trainer.loggers:  # updated at each new best: the validation after fitting counts too
             if isinstance(lg, WandbLogger):
                 lg.experiment.summary[self.objective.best_key] = self.best

@@ -65,6 +65,7 @@ class Seq2SeqModule(L.LightningModule):
         self._resumed_rng: list | None = None
         self._grad_norm: Tensor | None = None  # this step's total gradient norm, for clipping
         self.last_saved_step = -1  # the global step of the newest checkpoint this run wrote
+        self.validated_step = -1  # the global step of the newest validation (sanity checks apart)
         # The model's own config travels with every checkpoint, so mha-eval can rebuild it.
         self.save_hyperparameters(
             {
@@ -143,6 +144,12 @@ class Seq2SeqModule(L.LightningModule):
         if wandb_ids and wandb_ids[0]:
             checkpoint["wandb_run_id"] = wandb_ids[0]  # a resumed run continues this W&B run
         self.last_saved_step = checkpoint["global_step"]
+
+    @override
+    def on_validation_end(self) -> None:
+        """Note the step validated (``train.validate_final_weights`` reads it)."""
+        if not self.trainer.sanity_checking:
+            self.validated_step = self.global_step
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

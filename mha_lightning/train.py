@@ -212,6 +212,15 @@ def save_final_checkpoint(trainer, module) -> None:
     ckpt.last_model_path = str(path)
 
 
+def validate_final_weights(trainer, module, datamodule) -> None:
+    """Validate the weights training ended with when its last validation came before its last step
+    (``max_steps`` not a multiple of ``val_check_interval``): the run's val metrics, metrics.json and
+    a sweep's objective then describe last.ckpt, not an earlier step. Every rank calls it (a collective)."""
+    if trainer.fast_dev_run or not trainer.limit_val_batches or module.validated_step == trainer.global_step:
+        return
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (and optionally test) one run; returns the final metrics as floats, and ``<optimized_metric>_best``,
     the objective's best value over the run's validations, when the config names one."""
@@ -254,6 +263,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         fit(trainer, module, datamodule, plan)
         save_final_checkpoint(trainer, module)
+        validate_final_weights(trainer, module, datamodule)
         metrics = _floats(trainer.callback_metrics)
         if cfg.get("test") and not trainer.fast_dev_run:
             trainer.test(module, datamodule=datamodule, verbose=trainer.is_global_zero)

@@ -26,7 +26,18 @@ from mha_lightning.errors import DataError, exit_on_user_error
 
 STUDY_DIR = "heads_study"
 SPLIT = "head_dim = d_model / num_heads"
-COLUMNS = ("job", "variant", "num_heads", "head_dim", "metric", "value", "entropy_spread", "mean_js", "share_removable")
+COLUMNS = (
+    "job",
+    "variant",
+    "num_heads",
+    "head_dim",
+    "seed",
+    "metric",
+    "value",
+    "entropy_spread",
+    "mean_js",
+    "share_removable",
+)
 ANALYSIS = {
     "examples": 500,
     "batch_size": 64,
@@ -40,7 +51,7 @@ ANALYSIS = {
 
 
 def summarise(results: dict[str, Any]) -> dict[str, float]:
-    """One analysis -> the study's numbers (NaN where a number needs two heads)."""
+    """One analysis -> the study's numbers (NaN where a number needs two heads, or a model that scores)."""
     stats, pruning = results["statistics"], results["pruning"]
     spreads = [np.std(row) for layers in stats["entropy_norm"].values() for row in np.asarray(layers)]
     js = []
@@ -53,7 +64,10 @@ def summarise(results: dict[str, Any]) -> dict[str, float]:
         "value": pruning["baseline"],
         "entropy_spread": float(np.mean(spreads)),
         "mean_js": float(np.mean(js)) if js else math.nan,
-        "share_removable": pruning["removable"]["importance"] / pruning["points"][-1],
+        # A model that scores 0 loses nothing to any removal: "removable" says nothing there.
+        "share_removable": pruning["removable"]["importance"] / pruning["points"][-1]
+        if pruning["baseline"] > 0
+        else math.nan,
     }
 
 
@@ -82,6 +96,7 @@ def study(multirun: Path, examples: int = 500, points: int = 9) -> Path:
         model = results["model"]
         shape = (model["num_heads"], model["head_dim"], model["d_model"])
         row = {"job": job.name, "variant": variant(job, *shape), "num_heads": shape[0], "head_dim": shape[1]}
+        row["seed"] = job_seed(job)
         rows.append({**row, **summarise(results)})
     out.mkdir(parents=True, exist_ok=True)
     with (out / "study.csv").open("w", newline="") as f:
@@ -106,7 +121,16 @@ def variant(job: Path, num_heads: int, head_dim: int, d_model: int) -> str:
     return SPLIT if num_heads * head_dim == d_model else f"head_dim {head_dim}"
 
 
+def job_seed(job: Path) -> int | str:
+    """The job's ``seed`` (from the config Hydra saved beside it), "" where it saved none."""
+    config = job / ".hydra" / "config.yaml"
+    seed = (yaml.safe_load(config.read_text()) or {}).get("seed") if config.exists() else None
+    return "" if seed is None else seed
+
+
 def _figure(rows: list[dict[str, Any]], path: Path) -> None:
+    """One panel per number against num_heads, a line per variant: the mean over seeds, and the
+    seeds' range as error bars where a configuration ran with more than one."""
     from mha_lightning.monitor.plots import figure_to_png, new_figure
 
     fig = new_figure((12.0, 3.2))
@@ -122,8 +146,15 @@ def _figure(rows: list[dict[str, Any]], path: Path) -> None:
     }
     for ax, (key, title) in zip(axes, titles.items(), strict=True):
         for name, group in variants.items():
-            group = sorted(group, key=lambda r: r["num_heads"])
-            ax.plot([r["num_heads"] for r in group], [r[key] for r in group], marker="o", label=name)
+            by_heads: dict[int, list[float]] = {}
+            for r in group:
+                by_heads.setdefault(r["num_heads"], []).append(r[key])
+            heads = sorted(by_heads)
+            values = [np.asarray(by_heads[h], dtype=float) for h in heads]
+            mean = np.array([v.mean() for v in values])
+            low, high = np.array([v.min() for v in values]), np.array([v.max() for v in values])
+            spread = np.stack([mean - low, high - mean])  # (2, len(heads)): below and above the mean
+            ax.errorbar(heads, mean, yerr=spread, marker="o", capsize=3, label=name)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("num_heads")
         ax.set_title(title, fontsize=9)
@@ -133,14 +164,21 @@ def _figure(rows: list[dict[str, Any]], path: Path) -> None:
 
 def _markdown(rows: list[dict[str, Any]], multirun: Path) -> str:
     lines = [f"# Heads study: `{multirun}`", "", "![study](study.png)", ""]
-    lines += ["| variant | num_heads | head_dim | " + rows[0]["metric"] + " | entropy spread | mean JS | removable |"]
-    lines += ["|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["variant"], r["num_heads"])):
+    lines += [
+        "| variant | num_heads | head_dim | seed | " + rows[0]["metric"] + " | entropy spread | mean JS | removable |"
+    ]
+    lines += ["|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["variant"], r["num_heads"], str(r["seed"]))):
         lines.append(
-            f"| {r['variant']} | {r['num_heads']} | {r['head_dim']} | {r['value']:.3f} | {r['entropy_spread']:.3f} | "
-            f"{r['mean_js']:.3f} | {r['share_removable']:.0%} |"
+            f"| {r['variant']} | {r['num_heads']} | {r['head_dim']} | {r['seed']} | {r['value']:.3f} | "
+            f"{r['entropy_spread']:.3f} | {_fmt(r['mean_js'], '.3f')} | {_fmt(r['share_removable'], '.0%')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float, spec: str) -> str:
+    """``value`` formatted, or "-" where it is undefined (NaN)."""
+    return "-" if math.isnan(value) else format(value, spec)
 
 
 @exit_on_user_error

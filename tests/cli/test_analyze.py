@@ -113,14 +113,22 @@ def test_heads_study_gathers_the_finished_jobs_of_a_sweep_into_one_table(trained
     (multirun / "0").mkdir(parents=True)
     (multirun / "0" / "checkpoints").symlink_to(trained_reverse.checkpoint.parent)
     (multirun / "1").mkdir()  # a job still running: no checkpoint yet, not in the table
+    (multirun / "0" / ".hydra").mkdir()
+    (multirun / "0" / ".hydra" / "config.yaml").write_text("seed: 3\n")  # the job's config, as Hydra saves it
     assert study.main([str(multirun), "--examples", "40", "--points", "3"]) == 0
     out = multirun / "heads_study"
     (row,) = csv.DictReader((out / "study.csv").open())
-    assert (row["job"], row["num_heads"], row["head_dim"], row["metric"]) == ("0", "4", "16", "exact_match")
+    assert (row["job"], row["num_heads"], row["head_dim"], row["seed"], row["metric"]) == (
+        "0",
+        "4",
+        "16",
+        "3",
+        "exact_match",
+    )
     assert float(row["value"]) >= 0.99
     assert 0 < float(row["mean_js"]) < 1 and float(row["entropy_spread"]) > 0
     assert 0 <= float(row["share_removable"]) < 1
-    assert (out / "study.png").read_bytes()[:4] == b"\x89PNG" and "| 4 | 16 |" in (out / "study.md").read_text()
+    assert (out / "study.png").read_bytes()[:4] == b"\x89PNG" and "| 4 | 16 | 3 |" in (out / "study.md").read_text()
     assert row["variant"] == "head_dim = d_model / num_heads"  # no head_dim override: read from the shape
 
 
