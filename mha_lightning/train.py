@@ -263,8 +263,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         fit(trainer, module, datamodule, plan)
         save_final_checkpoint(trainer, module)
-        validate_final_weights(trainer, module, datamodule)
         metrics = _floats(trainer.callback_metrics)
+        validate_final_weights(trainer, module, datamodule)
+        metrics.update(_floats(trainer.callback_metrics))  # a validate() keeps only its own metrics
         if cfg.get("test") and not trainer.fast_dev_run:
             trainer.test(module, datamodule=datamodule, verbose=trainer.is_global_zero)
             metrics.update(_floats(trainer.callback_metrics))

@@ -41,7 +41,7 @@ def test_end_to_end_with_offline_wandb(make_cfg, tmp_path):
     run = Path(cfg.paths.output_dir)
     metrics = train(cfg)
 
-    for key in ("val/loss", "val/exact_match", "val/acc", "test/loss", "test/exact_match"):
+    for key in ("train/loss", "val/loss", "val/exact_match", "val/acc", "test/loss", "test/exact_match"):
         assert math.isfinite(metrics[key]), key
     assert json.loads((run / METRICS_FILE).read_text()) == metrics
 
