@@ -37,7 +37,9 @@ class TaskScorer:
 
     ``heads``: the global head indices this process holds (all of them on one device, one
     tensor-parallel rank's share when sharded); ``fixed``: heads the model's own ``head_mask``
-    already removes, removed under every mask too."""
+    already removes, removed under every mask too; ``teacher_forced``: None takes the teacher-forced
+    path wherever it is exact (exact match under greedy decoding), False always decodes (the
+    reference that path must equal)."""
 
     def __init__(
         self,
