@@ -308,10 +308,7 @@ def _build_parser() -> argparse.ArgumentParser:
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
     """``mha-dashboard`` entry point; returns the exit status (2 on a user error)."""
-    try:
-        args = _build_parser().parse_args(argv)
-    except SystemExit as e:  # --help or a usage error (argparse already printed it)
-        return e.code if isinstance(e.code, int) else 2
+    args = _build_parser().parse_args(argv)
     source = read_source(args.path)
     offline = args.dry_run or os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun")
     entity = args.entity or _logger_setting(source.config, "entity") or ""

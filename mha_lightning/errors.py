@@ -83,7 +83,8 @@ def report(error: UserError, rank: int | None = None) -> int:
 
 
 def exit_on_user_error(main: F) -> F:
-    """Wrap a CLI ``main(argv) -> exit code`` so a ``UserError`` becomes one line and exit code 2."""
+    """Wrap a CLI ``main(argv) -> exit code`` so a ``UserError`` becomes one line and exit code 2, and
+    argparse's exit (``--help``, a usage error it has already printed) becomes its exit code."""
 
     @functools.wraps(main)
     def wrapped(*args, **kwargs) -> int:
@@ -91,5 +92,7 @@ def exit_on_user_error(main: F) -> F:
             return main(*args, **kwargs)
         except UserError as e:
             return report(e)
+        except SystemExit as e:
+            return e.code if isinstance(e.code, int) else 2
 
     return wrapped  # type: ignore[return-value]

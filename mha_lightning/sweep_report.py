@@ -625,10 +625,7 @@ def _build_parser() -> argparse.ArgumentParser:
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
     """``mha-sweep-report`` entry point; returns the exit status (2 on a user error)."""
-    try:
-        args = _build_parser().parse_args(argv)
-    except SystemExit as e:  # --help or a usage error (argparse already printed it)
-        return e.code if isinstance(e.code, int) else 2
+    args = _build_parser().parse_args(argv)
     sweep = read_sweep(args.sweep, metric=args.metric, direction=args.direction)
     files = write_report(sweep)
     run = None if args.no_wandb else log_to_wandb(sweep, files)

@@ -84,14 +84,15 @@ class TaskScorer:
         )
         try:
             for chunk, per_pass in zip(chunks, groups, strict=True):
+                batch = {k: v.to(self.module.device) for k, v in collate(chunk).items()}  # once per chunk
                 for first in range(0, len(masks), per_pass):
                     group = masks[first : first + per_pass]
                     self._set_gates(attention, group, len(chunk))
                     if self.teacher_forced:
-                        for i, row in enumerate(self._teacher_forced_hits(chunk, len(group))):
+                        for i, row in enumerate(self._teacher_forced_hits(batch, len(group))):
                             hits[first + i] += row
                     else:
-                        for i, row in enumerate(self._decode(chunk, len(group))):
+                        for i, row in enumerate(self._decode(batch["src"], len(group))):
                             hyps[first + i] += row
                     self.passes += 1
                     bar.update()
@@ -106,24 +107,22 @@ class TaskScorer:
 
     def _set_gates(self, attention: dict, masks: Sequence[Sequence[Head]], rows_per_mask: int) -> None:
         """Each attention module's gate: (masks * rows_per_mask, H_local), 0 on removed heads."""
-        device = self.module.device
+        gates = self.module.model.head_gates([[*self.fixed, *mask] for mask in masks])
         for kind, mods in attention.items():
             for layer, attn in enumerate(mods):
-                gate = torch.ones(len(masks), self.module.model.config.num_heads, device=device)
-                for i, mask in enumerate(masks):
-                    off = [h.head for h in (*self.fixed, *mask) if (h.kind, h.layer) == (kind, layer)]
-                    gate[i, off] = 0.0
-                local = gate[:, self.heads.start : self.heads.stop]
-                attn.set_head_gate(None if bool(local.all()) else local.repeat_interleave(rows_per_mask, 0))
+                gate = gates[kind, layer]
+                local = None if gate is None else gate[:, self.heads.start : self.heads.stop]
+                none = local is None or bool(local.all())  # no head of this rank's removed
+                attn.set_head_gate(None if none else local.repeat_interleave(rows_per_mask, 0))
 
     def _max_steps(self, src: Tensor) -> int:
         """Decoding's length limit for this batch of sources (``Seq2SeqModule.generate``)."""
         longest = int((src != PAD_ID).sum(1).max()) + self.module.decoding.max_extra_len
         return min(longest, self.module.model.config.max_len - 1)
 
-    def _teacher_forced_hits(self, chunk: list, copies: int) -> list[list[float]]:
-        """Per mask, per example: 1.0 where greedy decoding would output exactly the target."""
-        batch = {k: v.to(self.module.device) for k, v in collate(chunk).items()}
+    def _teacher_forced_hits(self, batch: dict[str, Tensor], copies: int) -> list[list[float]]:
+        """Per mask, per example of the collated ``batch``: 1.0 where greedy decoding would output
+        exactly the target."""
         src, tgt_in, tgt_out = (batch[k].repeat(copies, 1) for k in ("src", "tgt_in", "tgt_out"))
         logits = self.module.model(src, tgt_in)  # (copies * B, T, V)
         logits[..., [PAD_ID, BOS_ID]] = float("-inf")  # never emitted (Seq2SeqTransformer._never_emit)
@@ -132,11 +131,11 @@ class TaskScorer:
         fits = real.sum(1) <= self._max_steps(batch["src"])  # the target and its EOS fit the limit
         return (right & fits).float().view(copies, -1).tolist()
 
-    def _decode(self, chunk: list, copies: int) -> list[list[list[int]]]:
-        """Per mask, per example: the decoded ids."""
-        src = collate(chunk)["src"].to(self.module.device)
+    def _decode(self, src: Tensor, copies: int) -> list[list[list[int]]]:
+        """Per mask, per example of ``src`` (B, S): the decoded ids."""
         out = self.module.generate(src.repeat(copies, 1)).tolist()
-        return [out[i * len(chunk) : (i + 1) * len(chunk)] for i in range(copies)]
+        B = src.shape[0]
+        return [out[i * B : (i + 1) * B] for i in range(copies)]
 
     def _score(self, hyps: list[list[int]]) -> float:
         if self.name == "exact_match":

@@ -11,7 +11,7 @@ attention's keys and values, so each step feeds only the newest token through th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -313,17 +313,30 @@ class Seq2SeqTransformer(nn.Module):
             for layer, attn in enumerate(mods):
                 attn.core = SDPACore() if make is None else make(kind, layer)
 
-    def set_head_mask(self, heads: list[Head]) -> None:
+    def set_head_mask(self, heads: Sequence[Head]) -> None:
         """Remove ``heads`` (gate 0) and restore every other head (single-device; the config's
         ``head_mask`` is applied when the model is built, before any sharding)."""
+        gates = self.head_gates([heads])
         for kind, mods in self.attention_layers().items():
             for layer, attn in enumerate(mods):
-                off = [h.head for h in heads if (h.kind, h.layer) == (kind, layer)]
+                gate = gates[kind, layer]
+                attn.set_head_gate(None if gate is None else gate[0])
+
+    def head_gates(self, masks: Sequence[Sequence[Head]]) -> dict[tuple[str, int], Tensor | None]:
+        """Every attention module's gates for ``masks``: (len(masks), num_heads), row i 0 on the heads
+        mask i removes and 1 elsewhere; None for a module no mask touches."""
+        gates: dict[tuple[str, int], Tensor | None] = {}
+        for kind, mods in self.attention_layers().items():
+            for layer, attn in enumerate(mods):
                 gate = None
-                if off:
-                    gate = torch.ones(self.config.num_heads, device=attn.o.weight.device)
-                    gate[off] = 0.0
-                attn.set_head_gate(gate)
+                for row, mask in enumerate(masks):
+                    off = [h.head for h in mask if (h.kind, h.layer) == (kind, layer)]
+                    if off:
+                        if gate is None:
+                            gate = torch.ones(len(masks), self.config.num_heads, device=attn.o.weight.device)
+                        gate[row, off] = 0.0
+                gates[kind, layer] = gate
+        return gates
 
     @contextmanager
     def attention_core(self, make: CoreFactory) -> Iterator[None]:

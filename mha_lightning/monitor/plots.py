@@ -394,11 +394,7 @@ def _build_parser() -> argparse.ArgumentParser:
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
     """``mha-plot`` entry point; returns the process exit status (2 on a user error)."""
-    parser = _build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help or a usage error (argparse already printed it)
-        return e.code if isinstance(e.code, int) else 2
+    args = _build_parser().parse_args(argv)
     target = Path(args.run)
     csv_path = _resolve_csv(target)
     out = Path(args.out) if args.out else (target if target.is_dir() else csv_path.parent) / "plots"
