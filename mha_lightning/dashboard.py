@@ -30,7 +30,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from mha_lightning.errors import ConfigError, DataError, UserError, exit_on_user_error, first_line
-from mha_lightning.kinds import ATTENTION_KINDS
+from mha_lightning.kinds import ATTENTION_KINDS, collapse_key, entropy_key, heatmap_key
 from mha_lightning.sweep_report import MULTIRUN_FILE, Sweep, read_sweep
 
 SPEC_FILE = "wandb_workspace.json"
@@ -40,22 +40,9 @@ _RUN_CONFIG_PREFIX = "run_config."  # train() logs the resolved config as W&B co
 
 
 # --------------------------------------------------------------------------- the keys the monitor logs
-# The formats of monitor/callback.py's EntropyMonitor (a test checks them against a real run's W&B history).
 def entropy_keys(kind: str, layer: int, num_heads: int, split: str = "train", normalised: bool = False) -> list[str]:
     """Every head's entropy key of one attention kind and layer (``val`` split: the probe set)."""
-    prefix = "" if split == "train" else f"{split}_"
-    family = "attn_entropy_norm" if normalised else "attn_entropy"
-    return [f"{prefix}{family}/{kind}/L{layer}/H{head}" for head in range(num_heads)]
-
-
-def collapse_key(split: str, kind: str) -> str:
-    """How many heads of ``kind`` are under the collapse threshold."""
-    return f"attn_collapse/{split}/{kind}"
-
-
-def heatmap_key(split: str) -> str:
-    """The layer x head heatmap images."""
-    return f"attn_heatmap/{split}"
+    return [entropy_key(kind, layer, head, split, normalised) for head in range(num_heads)]
 
 
 # --------------------------------------------------------------------------- what the workspace is built from

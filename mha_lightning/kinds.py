@@ -1,6 +1,6 @@
 """The three kinds of attention in an encoder-decoder, named once for the model, the monitor and
-the entropy record, and the one way to name a single head (a module of its own so that reading a
-record does not import torch)."""
+the entropy record; the one way to name a single head; and the keys the monitor logs, which the
+W&B dashboard reads (a module of its own so that reading a record does not import torch)."""
 
 from __future__ import annotations
 
@@ -32,3 +32,20 @@ class Head(NamedTuple):
                 f"{name!r} is not a head name; write <kind>/L<layer>/H<head> with kind one of {ATTENTION_KINDS}"
             )
         return cls(match["kind"], int(match["layer"]), int(match["head"]))
+
+
+def entropy_key(kind: str, layer: int, head: int, split: str = "train", normalised: bool = False) -> str:
+    """The logged key of one head's entropy: ``attn_entropy/cross/L1/H3`` (nats), ``attn_entropy_norm/...``
+    (normalised), prefixed ``val_`` for the validation probe set."""
+    prefix = "" if split == "train" else f"{split}_"
+    return f"{prefix}{'attn_entropy_norm' if normalised else 'attn_entropy'}/{Head(kind, layer, head)}"
+
+
+def collapse_key(split: str, kind: str) -> str:
+    """The logged count of ``kind``'s heads under the collapse threshold."""
+    return f"attn_collapse/{split}/{kind}"
+
+
+def heatmap_key(split: str) -> str:
+    """The logged layer x head heatmap images."""
+    return f"attn_heatmap/{split}"

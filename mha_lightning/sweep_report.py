@@ -183,14 +183,14 @@ def _job_order(path: Path) -> tuple:
 
 
 def _read_job(path: Path, swept: dict[str, list[str]], sweep_state: str) -> Job:
-    overrides = _read_overrides(path)
+    overrides = read_overrides(path)
     parsed = {o.key_or_group: o for o in _parse(overrides, path / ".hydra" / "overrides.yaml")}
     values = {}
     for key in swept:
         if key in parsed:
             values[key] = parsed[key].get_value_element_as_str()
         else:  # a multi-process job relaunched from its resolved config records no overrides
-            values[key] = _value_from_config(path, key)
+            values[key] = value_from_config(path, key)
     metrics = _read_json(path / METRICS_FILE)
     note = _read_json(path / JOB_STATE_FILE) or {}
     if metrics is not None:
@@ -207,14 +207,15 @@ def _read_job(path: Path, swept: dict[str, list[str]], sweep_state: str) -> Job:
     return Job(path.name, path, status, overrides, values, metrics or {}, error)
 
 
-def _read_overrides(path: Path) -> list[str]:
+def read_overrides(path: Path) -> list[str]:
+    """A job folder's command-line overrides (``.hydra/overrides.yaml``; none where it saved none)."""
     record = path / ".hydra" / "overrides.yaml"
     if not record.is_file():
         return []
     return [str(o) for o in _load_yaml(record)]
 
 
-def _value_from_config(path: Path, key: str) -> str:
+def value_from_config(path: Path, key: str) -> str:
     """A swept key's value from the job's saved config ("?" where the job saved none yet)."""
     for name in (".hydra/config.yaml", "job_config.yaml"):
         if (path / name).is_file():

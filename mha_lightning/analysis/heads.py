@@ -172,6 +172,7 @@ def measure_heads(
                 batch = {k: v.to(device) for k, v in batch.items()}
                 B = batch["src"].shape[0]
                 gold = gold_positions(batch, pairs, alignment) if alignment is not None else None
+                gold = gold.to(device) if gold is not None else None
                 gates = {}
                 for kind, mods in attention.items():
                     for layer, attn in enumerate(mods):
@@ -179,7 +180,7 @@ def measure_heads(
                         gates[kind, layer] = gate
                         base = fixed[kind][layer]
                         attn.set_head_gate(gate if base is None else gate * base)
-                        observers[kind][layer].gold = gold.to(device) if gold is not None and kind == "cross" else None
+                        observers[kind][layer].gold = gold if kind == "cross" else None
                         observers[kind][layer].capture = capture if n == 0 else 0
                 with torch.enable_grad():
                     loss = example_losses(model(batch["src"], batch["tgt_in"]), batch["tgt_out"]).sum()

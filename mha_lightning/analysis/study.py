@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from mha_lightning.errors import DataError, exit_on_user_error
+from mha_lightning.sweep_report import read_overrides, value_from_config
 
 STUDY_DIR = "heads_study"
 SPLIT = "head_dim = d_model / num_heads"
@@ -112,10 +112,8 @@ def study(multirun: Path, examples: int = 500, points: int = 9) -> Path:
 def variant(job: Path, num_heads: int, head_dim: int, d_model: int) -> str:
     """Which arm of the study a job is: its ``model.head_dim`` override (``null``: the width split into
     heads), else read from its shape."""
-    overrides = job / ".hydra" / "overrides.yaml"
-    values = yaml.safe_load(overrides.read_text()) if overrides.exists() else []
-    for item in values or []:
-        key, _, value = str(item).partition("=")
+    for item in read_overrides(job):
+        key, _, value = item.partition("=")
         if key.lstrip("+~") == "model.head_dim":
             return SPLIT if value in ("null", "None", "") else f"head_dim fixed at {value}"
     return SPLIT if num_heads * head_dim == d_model else f"head_dim {head_dim}"
@@ -123,9 +121,8 @@ def variant(job: Path, num_heads: int, head_dim: int, d_model: int) -> str:
 
 def job_seed(job: Path) -> int | str:
     """The job's ``seed`` (from the config Hydra saved beside it), "" where it saved none."""
-    config = job / ".hydra" / "config.yaml"
-    seed = (yaml.safe_load(config.read_text()) or {}).get("seed") if config.exists() else None
-    return "" if seed is None else seed
+    seed = value_from_config(job, "seed")
+    return "" if seed == "?" else int(seed)
 
 
 def _figure(rows: list[dict[str, Any]], path: Path) -> None:

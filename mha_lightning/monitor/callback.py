@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import WandbLogger
 from typing_extensions import override
 
 from mha_lightning.config import MonitorConfig
+from mha_lightning.kinds import collapse_key, entropy_key, heatmap_key
 from mha_lightning.model import ATTENTION_KINDS, ProbingCore
 from mha_lightning.monitor.entropy import HeadEntropyAccumulator, finalize, global_head_state
 from mha_lightning.monitor.plots import heatmap_array, render_all
@@ -142,12 +143,11 @@ class EntropyMonitor(L.Callback):
         self.latest[split] = values
         if not trainer.is_global_zero:
             return
-        prefix = "" if split == "train" else f"{split}_"  # val_attn_entropy/...: the probe set
         metrics = {}
         for kind, (ent, norm) in values.items():
             for (layer, head), h in np.ndenumerate(ent):
-                metrics[f"{prefix}attn_entropy/{kind}/L{layer}/H{head}"] = float(h)
-                metrics[f"{prefix}attn_entropy_norm/{kind}/L{layer}/H{head}"] = float(norm[layer, head])
+                metrics[entropy_key(kind, layer, head, split)] = float(h)
+                metrics[entropy_key(kind, layer, head, split, normalised=True)] = float(norm[layer, head])
         metrics.update(self._collapse_check(split, step, values))
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
@@ -160,7 +160,7 @@ class EntropyMonitor(L.Callback):
         counts = {}
         for kind, (_, norm) in values.items():
             low = np.argwhere(np.nan_to_num(norm, nan=1.0) < self.collapse_threshold)
-            counts[f"attn_collapse/{split}/{kind}"] = float(len(low))
+            counts[collapse_key(split, kind)] = float(len(low))
             for layer, head in low:
                 key = (kind, int(layer), int(head))
                 if key not in self._collapsed:
@@ -187,7 +187,7 @@ class EntropyMonitor(L.Callback):
             f"{kind} {split} step {step}: normalised entropy, rows = layers, columns = heads" for kind in values
         ]
         for lg in wandb_loggers:
-            lg.log_image(key=f"attn_heatmap/{split}", images=images, step=step, caption=captions)
+            lg.log_image(key=heatmap_key(split), images=images, step=step, caption=captions)
 
     # ------------------------------------------------------------------ end of training
     @override
