@@ -327,7 +327,7 @@ class Seq2SeqModule(L.LightningModule):
         """The injected optimizer (and step-wise schedule), bound to the sharded parameters."""
         if self.optimizer_factory is None:
             raise ConfigError("this module was built for evaluation (no module.optimizer); it cannot train")
-        optimizer = self.optimizer_factory(params=self.parameters())
+        optimizer = parallel.optimizer_for(self.optimizer_factory, list(self.parameters()))
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)

@@ -9,8 +9,9 @@ Embeddings, norms and the output projection stay replicated.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -173,6 +174,17 @@ def describe_sharding(model: nn.Module, mesh: DeviceMesh | None) -> str:
         f"holds {len(heads)}/{num_heads} heads [{heads.start}-{heads.stop - 1}] of every attention layer "
         f"({per_kind}) and 1/{tp} of every FFN"
     )
+
+
+def optimizer_for(
+    factory: Callable[..., torch.optim.Optimizer], parameters: list[nn.Parameter]
+) -> torch.optim.Optimizer:
+    """``factory(params=parameters)``, without ``fused=True`` when the parameters are DTensors (tp or
+    FSDP2): torch's fused Adam kernels take plain tensors only (their step counters are not DTensors),
+    so sharded runs keep torch's per-parameter implementation."""
+    if any(isinstance(p, DTensor) for p in parameters) and getattr(factory, "keywords", {}).get("fused"):
+        factory = functools.partial(factory, fused=False)
+    return factory(params=parameters)
 
 
 def _mesh_key(t: Tensor):

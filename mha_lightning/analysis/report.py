@@ -1,7 +1,8 @@
 """Pictures, tables and ``report.md`` from an analysis's ``results.json`` and ``maps.pt``.
 
-Rendering only (no model): heatmaps of importance, confidence and entropy per kind, Jensen-Shannon
-matrices per layer, the pruning curves, and attention maps of a few examples with their tokens.
+Rendering only (no model): one figure of every head's importance, confidence and entropy, one of
+the Jensen-Shannon matrices of every layer, the pruning curves, and attention maps of a few
+examples with their tokens.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.transforms import blended_transform_factory
 
 from mha_lightning.analysis.run import MAPS_FILE, RESULTS_FILE
 from mha_lightning.kinds import ATTENTION_KINDS, Head
-from mha_lightning.monitor.plots import figure_to_png, heatmap_figure, new_figure
+from mha_lightning.monitor.plots import figure_to_png, heatmap_panel, new_figure
 
 HEADS_CSV = "heads.csv"
 REPORT = "report.md"
@@ -49,16 +51,57 @@ def similar_pairs(stats: dict[str, Any], count: int = 5) -> list[tuple[float, st
     return sorted(pairs)[:count]
 
 
-def _js_figure(matrices: np.ndarray, kind: str):
-    layers, heads = matrices.shape[0], matrices.shape[1]
-    fig = new_figure((1.2 + 2.6 * layers, 2.9))
-    axes = fig.subplots(1, layers, squeeze=False)[0]
-    for layer, ax in enumerate(axes):
-        im = ax.imshow(matrices[layer], vmin=0.0, vmax=1.0, cmap="magma")
-        ax.set_title(f"{kind} L{layer}", fontsize=9)
-        ax.set_xticks(range(heads), [f"H{h}" for h in range(heads)], fontsize=6)
-        ax.set_yticks(range(heads), [f"H{h}" for h in range(heads)], fontsize=6)
-    fig.colorbar(im, ax=list(axes), label="Jensen-Shannon distance", shrink=0.9)
+HEAD_STATISTICS = (
+    ("importance_norm", "importance (normalised per layer)"),
+    ("confidence", "confidence (mean max weight)"),
+    ("entropy_norm", "entropy / log(keys)"),
+)
+
+
+def _heads_figure(stats: dict[str, Any]):
+    """Every per-head statistic of every kind in one figure: a row per kind, a column per statistic.
+
+    One figure, not one per kind and statistic: a figure's fixed cost (layout, drawing, PNG) made
+    nine separate heatmaps about a third of the report's rendering time."""
+    layers = max(len(stats["importance"][kind]) for kind in ATTENTION_KINDS)
+    heads = len(stats["importance"][ATTENTION_KINDS[0]][0])
+    panel_w = min(6.0, 1.0 + 0.55 * heads)
+    panel_h = min(4.5, 0.9 + 0.4 * max(layers, 1))
+    fig = new_figure((0.8 + panel_w * len(HEAD_STATISTICS), 0.5 + panel_h * len(ATTENTION_KINDS)))
+    grid = fig.subplots(len(ATTENTION_KINDS), len(HEAD_STATISTICS), squeeze=False)
+    for row, kind in enumerate(ATTENTION_KINDS):
+        for col, (key, label) in enumerate(HEAD_STATISTICS):
+            ax = grid[row, col]
+            im = heatmap_panel(ax, np.asarray(stats[key][kind], dtype=float), 0.0, 1.0)
+            if row == 0:
+                ax.set_title(label, fontsize=10)
+            if col == 0:
+                ax.set_ylabel(kind, fontsize=10)
+    fig.colorbar(im, ax=grid.ravel().tolist(), shrink=0.6, pad=0.01)
+    return fig
+
+
+def _similarity_figure(js: dict[str, Any]):
+    """Jensen-Shannon distance between every two heads: a row per kind, a panel per layer
+    (encoder and decoder may differ in depth: a shallower kind's row leaves its last panels empty)."""
+    kinds = [k for k in ATTENTION_KINDS if k in js]
+    layers = max(len(js[kind]) for kind in kinds)
+    heads = len(js[kinds[0]][0])
+    side = min(3.2, max(2.0, 0.22 * heads))
+    fig = new_figure((1.2 + side * layers, 0.4 + side * len(kinds)))
+    grid = fig.subplots(len(kinds), layers, squeeze=False)
+    names = [f"H{h}" for h in range(heads)]
+    for row, kind in enumerate(kinds):
+        for layer in range(layers):
+            ax = grid[row, layer]
+            if layer >= len(js[kind]):
+                ax.set_axis_off()
+                continue
+            im = ax.imshow(np.asarray(js[kind][layer]), vmin=0.0, vmax=1.0, cmap="magma")
+            ax.set_title(f"{kind} L{layer}", fontsize=9)
+            ax.set_xticks(range(heads), names, fontsize=6)
+            ax.set_yticks(range(heads), names, fontsize=6)
+    fig.colorbar(im, ax=grid.ravel().tolist(), label="Jensen-Shannon distance", shrink=0.8)
     return fig
 
 
@@ -109,10 +152,13 @@ def _maps_figure(maps: list[torch.Tensor], example: int, kind: str, keys: list[s
             top.tick_params(length=0)
             top.spines["top"].set_visible(False)
         if layer == layers - 1:  # key tokens under every head of the bottom row
-            ticks = [h * stride + i for h in range(heads) for i in range(S)]
-            ax.set_xticks(ticks, keys * heads, rotation=90, fontsize=5)
-        else:
-            ax.set_xticks([])
+            # Plain texts, not ticks: a tick is several artists, and heads x keys of them took
+            # about a quarter of a maps figure's time.
+            below = blended_transform_factory(ax.transData, ax.transAxes)
+            for h in range(heads):
+                for i, key in enumerate(keys):
+                    ax.text(h * stride + i, -0.01, key, transform=below, rotation=90, ha="center", va="top", fontsize=5)
+        ax.set_xticks([])
     fig.suptitle(f"{kind}: example {example} (rows: queries, columns: keys; one panel per head)", fontsize=10)
     return fig
 
@@ -128,21 +174,11 @@ def render(out: Path, token_text=None) -> Path:
         writer = csv.DictWriter(f, fieldnames=["head", *HEAD_COLUMNS])
         writer.writeheader()
         writer.writerows(rows)
-    images: list[tuple[str, str]] = []
-    for kind in ATTENTION_KINDS:
-        for col, label, limit in (
-            ("importance_norm", "importance (normalised per layer)", 1.0),
-            ("confidence", "confidence (mean max weight)", 1.0),
-            ("entropy_norm", "entropy / log(keys)", 1.0),
-        ):
-            name = f"{col}_{kind}.png"
-            fig = heatmap_figure(np.asarray(stats[col][kind]), f"{kind}: {label}", label, 0.0, limit)
-            figure_to_png(fig, out / name)
-            images.append((f"{kind}: {label}", name))
-        if kind in stats.get("js", {}):
-            name = f"similarity_{kind}.png"
-            figure_to_png(_js_figure(np.asarray(stats["js"][kind]), kind), out / name)
-            images.append((f"{kind}: Jensen-Shannon distance between heads", name))
+    figure_to_png(_heads_figure(stats), out / "heads.png")
+    images = [("Importance, confidence and entropy of every head", "heads.png")]
+    if stats.get("js"):
+        figure_to_png(_similarity_figure(stats["js"]), out / "similarity.png")
+        images.append(("Jensen-Shannon distance between heads", "similarity.png"))
     maps_path = out / MAPS_FILE
     map_images = []
     if maps_path.exists():

@@ -2,6 +2,7 @@
 
     mha-train experiment=heads_study_reverse            # a multirun: num_heads x head_dim
     mha-heads-study logs/heads_study_reverse/multiruns/<time>
+    mha-heads-study <multirun of seed 0> <multirun of seed 1> --out study_2seeds   # several, one table
 
 Each job's last checkpoint is analysed (``mha-analyze``'s own code, in-process) and reduced to
 the study's numbers (docs/design.md, "Analysing heads"): the task metric, the spread of
@@ -77,34 +78,38 @@ def job_dirs(multirun: Path) -> list[Path]:
     return sorted((p for p in jobs if (p / "checkpoints" / "last.ckpt").exists()), key=lambda p: int(p.name))
 
 
-def study(multirun: Path, examples: int = 500, points: int = 9) -> Path:
-    """Analyse every finished job of ``multirun`` on ``examples`` validation examples, ``points`` pruning
-    points each -> the study's folder (study.csv, study.md, study.png)."""
+def study(multiruns: list[Path], examples: int = 500, points: int = 9, out: Path | None = None) -> Path:
+    """Analyse every finished job of the ``multiruns`` (one sweep, or several: seeds added later land
+    in a multirun of their own) on ``examples`` validation examples, ``points`` pruning points each
+    -> the study's folder (study.csv, study.md, study.png; default ``<first multirun>/heads_study``)."""
     from mha_lightning.analysis.run import analyze
 
-    if not multirun.is_dir():
-        raise DataError(f"{multirun} is not a folder; give the multirun folder of a heads study")
-    jobs = job_dirs(multirun)
-    if not jobs:
-        raise DataError(f"{multirun} holds no finished job (no <job>/checkpoints/last.ckpt yet)")
-    out = multirun / STUDY_DIR
+    for multirun in multiruns:
+        if not multirun.is_dir():
+            raise DataError(f"{multirun} is not a folder; give the multirun folder of a heads study")
+        if not job_dirs(multirun):
+            raise DataError(f"{multirun} holds no finished job (no <job>/checkpoints/last.ckpt yet)")
+    out = out or multiruns[0] / STUDY_DIR
     rows = []
-    for job in jobs:
-        settings = {**ANALYSIS, "ckpt": str(job / "checkpoints" / "last.ckpt"), "examples": examples}
-        settings["prune"] = {**ANALYSIS["prune"], "points": points, "examples": min(examples, 200)}
-        results, _ = analyze(settings, out / job.name)
-        model = results["model"]
-        shape = (model["num_heads"], model["head_dim"], model["d_model"])
-        row = {"job": job.name, "variant": variant(job, *shape), "num_heads": shape[0], "head_dim": shape[1]}
-        row["seed"] = job_seed(job)
-        rows.append({**row, **summarise(results)})
+    for multirun in multiruns:
+        for job in job_dirs(multirun):
+            # One folder of jobs keeps Hydra's job numbers; several are told apart by their names.
+            name = job.name if len(multiruns) == 1 else f"{multirun.name}/{job.name}"
+            settings = {**ANALYSIS, "ckpt": str(job / "checkpoints" / "last.ckpt"), "examples": examples}
+            settings["prune"] = {**ANALYSIS["prune"], "points": points, "examples": min(examples, 200)}
+            results, _ = analyze(settings, out / name)
+            model = results["model"]
+            shape = (model["num_heads"], model["head_dim"], model["d_model"])
+            row = {"job": name, "variant": variant(job, *shape), "num_heads": shape[0], "head_dim": shape[1]}
+            row["seed"] = job_seed(job)
+            rows.append({**row, **summarise(results)})
     out.mkdir(parents=True, exist_ok=True)
     with (out / "study.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
     _figure(rows, out / "study.png")
-    (out / "study.md").write_text(_markdown(rows, multirun))
+    (out / "study.md").write_text(_markdown(rows, multiruns))
     (out / "study.json").write_text(json.dumps(rows, indent=1))
     return out
 
@@ -159,8 +164,8 @@ def _figure(rows: list[dict[str, Any]], path: Path) -> None:
     figure_to_png(fig, path)
 
 
-def _markdown(rows: list[dict[str, Any]], multirun: Path) -> str:
-    lines = [f"# Heads study: `{multirun}`", "", "![study](study.png)", ""]
+def _markdown(rows: list[dict[str, Any]], multiruns: list[Path]) -> str:
+    lines = ["# Heads study: " + ", ".join(f"`{m}`" for m in multiruns), "", "![study](study.png)", ""]
     lines += [
         "| variant | num_heads | head_dim | seed | " + rows[0]["metric"] + " | entropy spread | mean JS | removable |"
     ]
@@ -184,13 +189,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mha-heads-study", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("multirun", type=Path, help="the multirun folder of a heads study (or any num_heads sweep)")
+    parser.add_argument(
+        "multiruns",
+        type=Path,
+        nargs="+",
+        help="the multirun folder of a heads study (or any num_heads sweep); several are gathered into one table",
+    )
     parser.add_argument("--examples", type=int, default=500, help="validation examples analysed per job")
     parser.add_argument("--points", type=int, default=9, help="pruning-curve points per job")
+    parser.add_argument("--out", type=Path, help="the study's folder (default: <first multirun>/heads_study)")
     args = parser.parse_args(argv)
     if args.examples < 1 or args.points < 2:
         raise DataError(f"--examples must be at least 1 and --points at least 2, got {args.examples} and {args.points}")
-    out = study(args.multirun, args.examples, args.points)
+    out = study(args.multiruns, args.examples, args.points, args.out)
     print(f"study: {out / 'study.md'}")
     return 0
 

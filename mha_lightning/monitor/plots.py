@@ -44,6 +44,7 @@ from mha_lightning.monitor.record import (
 __all__ = [
     "heatmap_array",
     "heatmap_figure",
+    "heatmap_panel",
     "figure_to_png",
     "figure_to_array",
     "plot_entropy_over_steps",
@@ -111,12 +112,9 @@ def heatmap_figure(
 
     Cells hold their value when the grid is at most 16 x 16; NaN cells are grey.
     """
-    a = np.asarray(matrix, dtype=np.float64)
-    if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
-        raise ValueError(f"heatmap_figure needs a non-empty 2-D (layers, heads) matrix, got shape {a.shape}")
+    a = _layer_head_matrix(matrix)
     n_layers, n_heads = a.shape
     annotate = n_layers <= _ANNOTATE_MAX and n_heads <= _ANNOTATE_MAX
-
     if annotate:
         cell_w = 0.75 if n_heads <= 8 else 0.6
         cell_h = 0.5 if n_layers <= 8 else 0.4
@@ -127,27 +125,41 @@ def heatmap_figure(
     height = min(14.0, max(3.0, 1.5 + n_layers * cell_h))
     fig = new_figure((width, height))
     ax = fig.add_subplot()
+    im = heatmap_panel(ax, a, vmin, vmax, cmap)
+    cbar = fig.colorbar(im, ax=ax, fraction=0.08 if n_heads > 4 else 0.12, pad=0.03)
+    cbar.set_label(value_label)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=11)
+    return fig
 
-    finite = a[np.isfinite(a)]
-    if finite.size == 0:  # nothing to scale by: pick a harmless range
+
+def _layer_head_matrix(matrix: np.ndarray) -> np.ndarray:
+    a = np.asarray(matrix, dtype=np.float64)
+    if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"heatmap_figure needs a non-empty 2-D (layers, heads) matrix, got shape {a.shape}")
+    return a
+
+
+def heatmap_panel(ax: Any, matrix: np.ndarray, vmin: float | None, vmax: float | None, cmap: str = "viridis") -> Any:
+    """Draw a layer x head heatmap into ``ax`` (ticks L0.., H0..; values in the cells of grids up to
+    16 x 16; NaN grey) -> the image, for a colorbar. Several panels can share one figure."""
+    a = _layer_head_matrix(matrix)
+    n_layers, n_heads = a.shape
+    annotate = n_layers <= _ANNOTATE_MAX and n_heads <= _ANNOTATE_MAX
+    if not np.isfinite(a).any():  # nothing to scale by: pick a harmless range
         vmin = 0.0 if vmin is None else vmin
         vmax = 1.0 if vmax is None else vmax
     import matplotlib as mpl
 
     cm = mpl.colormaps[cmap].with_extremes(bad="#d9d9d9")
     im = ax.imshow(np.ma.masked_invalid(a), cmap=cm, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
-    cbar = fig.colorbar(im, ax=ax, fraction=0.08 if n_heads > 4 else 0.12, pad=0.03)
-    cbar.set_label(value_label)
-
     tick_fs = 9 if max(n_layers, n_heads) <= 16 else 7
     xs = range(0, n_heads, _tick_step(n_heads))
     ys = range(0, n_layers, _tick_step(n_layers))
     ax.set_xticks(list(xs), [f"H{i}" for i in xs], fontsize=tick_fs)
     ax.set_yticks(list(ys), [f"L{i}" for i in ys], fontsize=tick_fs)
     ax.tick_params(length=0)
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_title(title, fontsize=11)
     # thin white grid between cells
     ax.set_xticks(np.arange(-0.5, n_heads, 1), minor=True)
     ax.set_yticks(np.arange(-0.5, n_layers, 1), minor=True)
@@ -155,7 +167,6 @@ def heatmap_figure(
     ax.tick_params(which="minor", length=0)
     for s in ax.spines.values():
         s.set_visible(False)
-
     if annotate:
         fs = 9 if n_heads <= 8 else 7
         for i in range(n_layers):
@@ -166,8 +177,8 @@ def heatmap_figure(
                     color = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
                 else:
                     color = "#555555"
-                ax.text(j, i, _fmt_cell(v), ha="center", va="center", fontsize=fs, color=color)
-    return fig
+                ax.text(j, i, _fmt_cell(v), ha="center", va="center", fontsize=fs, color=color, in_layout=False)
+    return im
 
 
 def figure_to_png(fig: Figure, path: str | Path, dpi: int = _PNG_DPI) -> Path:

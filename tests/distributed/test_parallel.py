@@ -11,6 +11,7 @@ dp=2 x tp=2 world serves the slow tests. Every loss is the production one,
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -211,7 +212,11 @@ def dp_tp_worker(mesh: DeviceMesh, steps: int, global_batch: int, trained: dict)
     out: dict = {"losses": [], "ref_losses": [], "norms": [], "ref_norms": []}
 
     model, reference = twin_models(mesh)
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=3e-3) for m in (model, reference)]
+    # As Seq2SeqModule builds them from conf/module/default.yaml (fused: true): the single-device
+    # reference takes the fused kernel, the sharded twin (DTensor parameters) torch's per-op loop.
+    fused_adamw = functools.partial(torch.optim.AdamW, lr=3e-3, fused=True)
+    optimizers = [parallel.optimizer_for(fused_adamw, list(m.parameters())) for m in (model, reference)]
+    out["fused"] = [bool(opt.defaults["fused"]) for opt in optimizers]
     for step in range(steps):
         dp_tp_step(model, reference, optimizers, make_batch(global_batch, seed=200 + step), rows, dp_mesh, out)
     out["params"], out["ref_params"] = full_params(model), full_params(reference)
@@ -346,6 +351,7 @@ def assert_same_training(run: dict, ref_grads: dict[str, Tensor], where: str) ->
 @pytest.mark.slow
 def test_dp2_tp2_training_matches_single_device(dp_tp_world):
     for rank, out in enumerate(dp_tp_world):
+        assert out["fused"] == [False, True]  # sharded: per-op AdamW; the reference: fused
         assert len(out["losses"]) == DP_TP_STEPS
         for name in out["ref_grads"]:
             torch.testing.assert_close(out["grads"][name], out["ref_grads"][name], atol=1e-6, rtol=1e-5, msg=name)
