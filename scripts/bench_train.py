@@ -565,6 +565,29 @@ def print_table(report: dict) -> None:
             f"{k} {'met' if v['met'] else 'NOT met'} ({v['value']:.3g} vs {v['bar']})" for k, v in checks.items()
         )
     )
+    spread = report["noise"]
+    worst = max(spread["round_spread"], key=spread["round_spread"].get)
+    print(
+        f"noise: rounds of one contender spread up to {spread['max_round_spread']:.0%} ({worst}); differences under "
+        f"that are not findings. Load average {spread['load_before']:.1f} before, {spread['load_after']:.1f} after "
+        f"({os.cpu_count()} cores)"
+    )
+    if spread["load_before"] > 0.5 or spread["max_round_spread"] > 0.15:
+        print("noise: the machine was not quiet; rerun when it is, or with --threads 1 (see README, 'Training speed')")
+
+
+def noise(results: dict, load_before: float, load_after: float) -> dict:
+    """How far this run's numbers can be trusted: each contender's spread between its round medians
+    (slowest / fastest - 1) and the machine's 1-minute load average before and after the run. Other
+    jobs slow multi-threaded torch far more than their share of the CPU (its OpenMP threads wait for
+    each other at every op), so a busy machine shows up here before it shows up as a finding."""
+    spread = {name: max(r["step_ms_by_round"]) / min(r["step_ms_by_round"]) - 1 for name, r in results.items()}
+    return {
+        "round_spread": spread,
+        "max_round_spread": max(spread.values()),
+        "load_before": load_before,
+        "load_after": load_after,
+    }
 
 
 def targets(results: dict) -> dict:
@@ -617,6 +640,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no "GPU available" lines per Trainer
 
     cfg = compose_config(args)
+    load_before = os.getloadavg()[0]  # before this run adds its own load
     peak = matmul_peak_flops(device, peak_size)
     with tempfile.TemporaryDirectory() as tmp:
         report = compare(args, cfg, device, Path(tmp))
@@ -625,6 +649,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in report["results"].values():
         r["mfu"] = r["gflops_per_s"] / report["peak_gflops_per_s"]
     report["targets"] = targets(report["results"])
+    report["noise"] = noise(report["results"], load_before, os.getloadavg()[0])
     report["growth"] = growth(args, cfg, device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"

@@ -59,7 +59,7 @@ def test_quick_mode_writes_every_field_with_positive_ratios(tmp_path):
     command = [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--out", str(out)]
     command += ["--steps", "2", "--sweep-seq", "8", "16", "--sweep-heads", "1", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(command, check=True, env=env, cwd=tmp_path, capture_output=True, timeout=120)
+    done = subprocess.run(command, check=True, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     report = json.loads(out.read_text())
     results = report["results"]
     assert set(results) == {
@@ -82,4 +82,13 @@ def test_quick_mode_writes_every_field_with_positive_ratios(tmp_path):
     assert [row["seq_len"] for row in report["growth"]["seq_len"]] == [8, 16]
     assert [row["num_heads"] for row in report["growth"]["num_heads"]] == [1, 4]
     assert set(report["targets"]) >= {"eager >= 1.0x baseline", "MFU >= 60%", "Lightning overhead <= 5%"}
+    # How far the numbers can be trusted: each contender's spread between its rounds, and the load.
+    spread = report["noise"]["round_spread"]
+    assert set(spread) == set(results) and all(value >= 0 for value in spread.values())
+    assert report["noise"]["max_round_spread"] == max(spread.values())
+    for name, row in results.items():
+        rounds = row["step_ms_by_round"]
+        assert spread[name] == max(rounds) / min(rounds) - 1, name
+    assert report["noise"]["load_before"] >= 0 and report["noise"]["load_after"] >= 0
+    assert f"spread up to {report['noise']['max_round_spread']:.0%}" in done.stdout
     assert Path(report["growth_plot"]).stat().st_size > 0
