@@ -10,6 +10,7 @@ Embeddings, norms and the output projection stay replicated.
 from __future__ import annotations
 
 import functools
+import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 
@@ -174,6 +175,27 @@ def describe_sharding(model: nn.Module, mesh: DeviceMesh | None) -> str:
         f"holds {len(heads)}/{num_heads} heads [{heads.start}-{heads.stop - 1}] of every attention layer "
         f"({per_kind}) and 1/{tp} of every FFN"
     )
+
+
+def share_cpu_cores(processes_per_node: int) -> int | None:
+    """Give each of this node's ``processes_per_node`` processes an equal share of its CPU cores for
+    torch's threads -> the threads per process, or None where nothing was changed.
+
+    torch's default is every core in every process; its OpenMP threads then wait for each other at
+    every parallel op, and N ranks on N cores run several times slower (docs/design.md, "Training
+    speed"). Sets this process's threads and ``OMP_NUM_THREADS`` for the processes it starts (Lightning's
+    launcher, ``mp.spawn``), as torchrun does. An ``OMP_NUM_THREADS`` already set (by the user, torchrun
+    or a parent process) wins; under SLURM each task gets its ``SLURM_CPUS_PER_TASK``."""
+    if processes_per_node <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    if "SLURM_CPUS_PER_TASK" in os.environ:
+        threads = int(os.environ["SLURM_CPUS_PER_TASK"])
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // processes_per_node)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def optimizer_for(

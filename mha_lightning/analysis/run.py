@@ -143,6 +143,9 @@ def analyze(cfg: dict[str, Any], out: Path) -> tuple[dict[str, Any], Any]:
         raise ConfigError(f"trainer.devices ({devices}) must divide the model's num_heads ({heads})")
     import torch.multiprocessing as mp
 
+    from mha_lightning import parallel
+
+    parallel.share_cpu_cores(devices)  # the spawned ranks inherit OMP_NUM_THREADS
     mp.spawn(_sharded_worker, args=(devices, _free_port(), cfg, str(out)), nprocs=devices, join=True)
     return json.loads((out / RESULTS_FILE).read_text()), data
 
