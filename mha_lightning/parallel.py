@@ -182,7 +182,7 @@ def share_cpu_cores(processes_per_node: int) -> int | None:
     torch's threads -> the threads per process, or None where nothing was changed.
 
     torch's default is every core in every process; its OpenMP threads then wait for each other at
-    every parallel op, and N ranks on N cores run several times slower (docs/design.md, "Training
+    every parallel op, and N ranks on N cores run much slower (docs/design.md, "Training
     speed"). Sets this process's threads and ``OMP_NUM_THREADS`` for the processes it starts (Lightning's
     launcher, ``mp.spawn``), as torchrun does. An ``OMP_NUM_THREADS`` already set (by the user, torchrun
     or a parent process) wins; under SLURM each task gets its ``SLURM_CPUS_PER_TASK``."""

@@ -137,7 +137,7 @@ def heatmap_figure(
 def _layer_head_matrix(matrix: np.ndarray) -> np.ndarray:
     a = np.asarray(matrix, dtype=np.float64)
     if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
-        raise ValueError(f"heatmap_figure needs a non-empty 2-D (layers, heads) matrix, got shape {a.shape}")
+        raise ValueError(f"a heatmap needs a non-empty 2-D (layers, heads) matrix, got shape {a.shape}")
     return a
 
 
