@@ -40,11 +40,12 @@ DROPOUT = ["model.dropout=0.1", "model.attention_dropout=0.1"]
 
 
 def mha_train(
-    run_dir: Path, *overrides: str, timeout: int = 300, file_size_limit: int | None = None
+    run_dir: Path, *overrides: str, timeout: int = 300, file_size_limit: int | None = None, threads_set: bool = True
 ) -> subprocess.CompletedProcess:
     """`python -m mha_lightning.train ...` into ``run_dir``. With ``file_size_limit`` every process
     of the run (workers inherit it) gets EFBIG when a write would make a file larger: a disk that
-    fills up in the middle of a shard."""
+    fills up in the middle of a shard. ``threads_set=False``: without the suite's OMP_NUM_THREADS=1,
+    as a user runs it."""
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, resource.RLIM_INFINITY))
@@ -54,7 +55,7 @@ def mha_train(
     return subprocess.run(
         cmd,
         cwd=run_dir.parent,
-        env=cli_env(run_dir.parent),
+        env={k: v for k, v in cli_env(run_dir.parent).items() if threads_set or k != "OMP_NUM_THREADS"},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -253,9 +254,13 @@ def test_single_device_checkpoint_initialises_tp2_run(tmp_path):
             "logger=none",
             f"init_from={single / 'checkpoints' / 'last.ckpt'}",
             "+trainer.limit_train_batches=0",
+            threads_set=False,
         )
     )
     assert "holds 2/4 heads [2-3]" in proc.stdout
+    # Started as a user starts it (no OMP_NUM_THREADS): the two ranks split this machine's cores.
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"2 processes on this node, {share} CPU thread(s) each" in proc.stdout + proc.stderr
     sharded = json.loads((run / METRICS_FILE).read_text())
     for key in ("test/loss", "test/acc", "test/exact_match"):
         torch.testing.assert_close(torch.tensor(sharded[key]), torch.tensor(reference[key]), msg=key)
