@@ -281,11 +281,17 @@ class Seq2SeqModule(L.LightningModule):
         return self._eval_step(batch, "test")
 
     # ----------------------------------------------------------------- decoding
+    def decode_steps(self, src: Tensor) -> int:
+        """Decoding's length limit for ``src`` (B, S) on this rank: the longest source plus
+        ``decoding.max_extra_len`` tokens, within the model's ``max_len`` (BOS takes a position)."""
+        longest = int((src != PAD_ID).sum(1).max()) + self.decoding.max_extra_len
+        return min(longest, self.model.config.max_len - 1)
+
     def generate(self, src: Tensor) -> Tensor:
         """Decode ``src`` (B, S) with ``self.decoding`` -> (B, L) ids without BOS, PAD after EOS."""
         cfg = self.decoding
         # Every rank must run the same number of decoder steps (FSDP/TP collectives per step).
-        max_len = parallel.all_max(int((src != PAD_ID).sum(1).max()) + cfg.max_extra_len, src.device)
+        max_len = parallel.all_max(self.decode_steps(src), src.device)
         return self.model.generate(
             src,
             max_len,

@@ -62,10 +62,6 @@ class TaskScorer:
         self.progress = progress
         self.passes = 0  # batched forward or decoding passes so far
 
-    def __call__(self, removed: list[Head]) -> float:
-        """The metric without ``removed``."""
-        return self.scores([removed])[0]
-
     @torch.no_grad()
     def scores(self, masks: Sequence[Sequence[Head]]) -> list[float]:
         """The metric without each mask's heads, one number per mask."""
@@ -115,20 +111,14 @@ class TaskScorer:
                 none = local is None or bool(local.all())  # no head of this rank's removed
                 attn.set_head_gate(None if none else local.repeat_interleave(rows_per_mask, 0))
 
-    def _max_steps(self, src: Tensor) -> int:
-        """Decoding's length limit for this batch of sources (``Seq2SeqModule.generate``)."""
-        longest = int((src != PAD_ID).sum(1).max()) + self.module.decoding.max_extra_len
-        return min(longest, self.module.model.config.max_len - 1)
-
     def _teacher_forced_hits(self, batch: dict[str, Tensor], copies: int) -> list[list[float]]:
         """Per mask, per example of the collated ``batch``: 1.0 where greedy decoding would output
         exactly the target."""
         src, tgt_in, tgt_out = (batch[k].repeat(copies, 1) for k in ("src", "tgt_in", "tgt_out"))
-        logits = self.module.model(src, tgt_in)  # (copies * B, T, V)
-        logits[..., [PAD_ID, BOS_ID]] = float("-inf")  # never emitted (Seq2SeqTransformer._never_emit)
+        logits = self.module.model.never_emit(self.module.model(src, tgt_in), BOS_ID)  # (copies * B, T, V)
         real = tgt_out != PAD_ID
         right = ((logits.argmax(-1) == tgt_out) | ~real).all(1)
-        fits = real.sum(1) <= self._max_steps(batch["src"])  # the target and its EOS fit the limit
+        fits = real.sum(1) <= self.module.decode_steps(batch["src"])  # the target and its EOS fit the limit
         return (right & fits).float().view(copies, -1).tolist()
 
     def _decode(self, src: Tensor, copies: int) -> list[list[list[int]]]:

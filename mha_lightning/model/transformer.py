@@ -404,10 +404,11 @@ class Seq2SeqTransformer(nn.Module):
             )
         return self.greedy_decode(src, max_len, bos_id, eos_id, sync_done, use_cache=use_cache)
 
-    def _never_emit(self, logits: Tensor, bos_id: int) -> Tensor:
-        """PAD and BOS are never real output tokens (PAD only follows EOS, added by the loop)."""
+    def never_emit(self, logits: Tensor, bos_id: int) -> Tensor:
+        """``logits`` (..., V) with PAD and BOS at -inf: never real output tokens (PAD only follows
+        EOS, added by the decoding loop). A copy; the input is left as it is."""
         logits = logits.clone()
-        logits[:, [self.config.pad_id, bos_id]] = float("-inf")
+        logits[..., [self.config.pad_id, bos_id]] = float("-inf")
         return logits
 
     def _decoding_cache(self, use_cache: bool) -> DecoderCache | None:
@@ -434,7 +435,7 @@ class Seq2SeqTransformer(nn.Module):
         ys = torch.full((B, 1), bos_id, dtype=torch.long, device=src.device)
         finished = torch.zeros(B, dtype=torch.bool, device=src.device)
         for _ in range(min(max_len, self.config.max_len - 1)):
-            logits = self._never_emit(self.decode(ys, memory, src_valid, cache)[:, -1], bos_id)
+            logits = self.never_emit(self.decode(ys, memory, src_valid, cache)[:, -1], bos_id)
             next_token = logits.argmax(-1)
             next_token = next_token.masked_fill(finished, self.config.pad_id)
             ys = torch.cat([ys, next_token.unsqueeze(1)], dim=1)
@@ -473,7 +474,7 @@ class Seq2SeqTransformer(nn.Module):
         lengths = torch.zeros(B * K, device=src.device)
         cache = self._decoding_cache(use_cache)
         for _ in range(min(max_len, self.config.max_len - 1)):
-            logits = self._never_emit(self.decode(ys, memory, src_valid, cache)[:, -1].float(), bos_id)
+            logits = self.never_emit(self.decode(ys, memory, src_valid, cache)[:, -1].float(), bos_id)
             logp = F.log_softmax(logits, dim=-1)  # (B*K, V)
             V = logp.shape[-1]
             frozen = torch.full_like(logp, float("-inf"))
