@@ -23,6 +23,7 @@ from typing_extensions import override
 from mha_lightning.errors import ConfigError
 from mha_lightning.kinds import Head
 from mha_lightning.model.attention import AttentionMask, KVCache, MultiHeadAttention, SDPACore
+from mha_lightning.model.dropout import Dropout
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
@@ -118,7 +119,7 @@ class FeedForward(nn.Module):
         self.fc1 = nn.Linear(d_model, ffn_dim)
         self.fc2 = nn.Linear(ffn_dim, d_model)
         self.act = ACTIVATIONS[activation]
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     @override
     def forward(self, x: Tensor) -> Tensor:
@@ -132,7 +133,7 @@ class Residual(nn.Module):
     def __init__(self, d_model: int, dropout: float, norm_first: bool) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.norm_first = norm_first
 
     @override
@@ -247,7 +248,7 @@ class Embedder(nn.Module):
             nn.init.normal_(self.learned_positions.weight, std=cfg.d_model**-0.5)
         else:
             self.register_buffer("sinusoid", sinusoidal_positions(cfg.max_len, cfg.d_model), persistent=False)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     @override
     def forward(self, ids: Tensor, start: int = 0) -> Tensor:
