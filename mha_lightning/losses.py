@@ -16,6 +16,38 @@ from torch import Tensor
 # Logits per block on CPU: 2**21 fp32 values (8 MB, 262 rows of an 8000-word vocabulary) stay in cache
 # between the passes. A GPU gains nothing from blocks (its passes stream anyway): one block there.
 CPU_BLOCK_ELEMENTS = 2**21
+# The fused output projection's blocks on a GPU: logits of at most 2**26 values (256 MB in fp32) at a time,
+# instead of all (tokens x vocabulary) of them.
+GPU_BLOCK_ELEMENTS = 2**26
+
+
+def _block_loss_and_grad_(
+    x: Tensor, g: Tensor, target: Tensor, ignore_index: int, smoothing: float
+) -> tuple[Tensor, Tensor]:
+    """One block of logits ``x`` (n, V) fp32 -> (row losses (n,), argmax (n,)); ``g`` receives
+    d(row loss)/d(x), zero on ignored rows. ``g`` may be ``x`` itself (overwritten)."""
+    V = x.shape[1]
+    valid = target != ignore_index
+    t = torch.where(valid, target, 0).unsqueeze(1)  # (n, 1): any index for ignored rows
+    # Everything read from x comes first: g may share its memory.
+    picked, summed = x.gather(1, t).squeeze(1), x.sum(-1)
+    peak, argmax = x.max(-1, keepdim=True)
+    torch.sub(x, peak, out=g).exp_()  # g = exp(x - max)
+    total = g.sum(-1, keepdim=True)
+    log_z = (peak + total.log()).squeeze(1)  # (n,) log-sum-exp
+    # -(1 - e) log p_t - (e / V) sum_j log p_j, with log p_j = x_j - log_z
+    loss = log_z - (1 - smoothing) * picked - (smoothing / V) * summed
+    # softmax - smoothed one-hot; zero for ignored rows (masked_fill: a NaN there must not stay)
+    g.div_(total).sub_(smoothing / V)
+    g.scatter_add_(1, t, g.new_full(t.shape, -(1 - smoothing)))
+    g.masked_fill_(~valid.unsqueeze(1), 0.0)
+    return torch.where(valid, loss, 0.0), argmax.squeeze(1)
+
+
+def _rows_per_block(device: torch.device, rows: int, vocab: int, gpu_elements: int | None) -> int:
+    if device.type == "cpu":
+        return max(1, CPU_BLOCK_ELEMENTS // vocab)
+    return max(1, gpu_elements // vocab) if gpu_elements else max(1, rows)
 
 
 class _SmoothedCrossEntropySum(torch.autograd.Function):
@@ -26,23 +58,12 @@ class _SmoothedCrossEntropySum(torch.autograd.Function):
         N, V = logits.shape  # (tokens, vocabulary)
         grad = torch.empty_like(logits)  # d(loss)/d(logits), filled block by block
         row_loss = logits.new_empty(N)
-        rows = max(1, CPU_BLOCK_ELEMENTS // V) if logits.device.type == "cpu" else max(1, N)
+        rows = _rows_per_block(logits.device, N, V, None)
         for start in range(0, N, rows):
-            x, g = logits[start : start + rows], grad[start : start + rows]  # (n, V)
-            t = target[start : start + rows]
-            valid = t != ignore_index
-            t = torch.where(valid, t, 0).unsqueeze(1)  # (n, 1): any index for ignored rows
-            peak = x.amax(-1, keepdim=True)
-            torch.sub(x, peak, out=g).exp_()  # g = exp(x - max)
-            total = g.sum(-1, keepdim=True)
-            log_z = (peak + total.log()).squeeze(1)  # (n,) log-sum-exp
-            # -(1 - e) log p_t - (e / V) sum_j log p_j, with log p_j = x_j - log_z
-            loss = log_z - (1 - smoothing) * x.gather(1, t).squeeze(1) - (smoothing / V) * x.sum(-1)
-            row_loss[start : start + rows] = torch.where(valid, loss, 0.0)
-            # softmax - smoothed one-hot; zero for ignored rows (masked_fill: a NaN there must not stay)
-            g.div_(total).sub_(smoothing / V)
-            g.scatter_add_(1, t, g.new_full(t.shape, -(1 - smoothing)))
-            g.masked_fill_(~valid.unsqueeze(1), 0.0)
+            block = slice(start, start + rows)
+            row_loss[block] = _block_loss_and_grad_(logits[block], grad[block], target[block], ignore_index, smoothing)[
+                0
+            ]
         ctx.save_for_backward(grad)
         return row_loss.sum()
 
@@ -62,3 +83,60 @@ def smoothed_cross_entropy_sum(logits: Tensor, target: Tensor, ignore_index: int
             logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="sum"
         )
     return _SmoothedCrossEntropySum.apply(logits, target, ignore_index, float(label_smoothing))
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    """``smoothed_cross_entropy_sum(hidden @ weight.T, ...)`` and the argmax, one block of rows at a time:
+    each block's logits are made, turned into their gradient in place, and multiplied back into the
+    gradients of ``hidden`` and ``weight`` before the next block, so the (N, V) logits never exist."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, target: Tensor, ignore_index: int, smoothing: float):
+        N, V = hidden.shape[0], weight.shape[0]
+        device = hidden.device.type
+        # Under autocast the matmuls run in its dtype, as nn.Linear's would; the loss in fp32.
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        with torch.autocast(device, enabled=False):
+            h, w = hidden.to(compute), weight.to(compute)
+            grad_h = torch.empty_like(hidden)
+            grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=w.device)
+            row_loss = hidden.new_empty(N, dtype=torch.float32)
+            argmax = target.new_empty(N)
+            rows = _rows_per_block(hidden.device, N, V, GPU_BLOCK_ELEMENTS)
+            for start in range(0, N, rows):
+                block = slice(start, start + rows)
+                x = (h[block] @ w.t()).float()  # (n, V): this block's logits
+                row_loss[block], argmax[block] = _block_loss_and_grad_(x, x, target[block], ignore_index, smoothing)
+                g = x.to(compute)
+                grad_h[block] = g @ w
+                if grad_w.dtype == compute:
+                    grad_w.addmm_(g.t(), h[block])
+                else:
+                    grad_w += (g.t() @ h[block]).to(grad_w.dtype)
+        ctx.grads = grad_h, grad_w.to(weight.dtype)
+        ctx.mark_non_differentiable(argmax)
+        return row_loss.sum(), argmax
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor, _argmax_grad):
+        if ctx.grads is None:
+            raise RuntimeError("the fused loss keeps its gradients for one backward pass only")
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None
+        return grad_h.mul_(grad_output), grad_w.mul_(grad_output), None, None, None
+
+
+def linear_cross_entropy_sum(
+    hidden: Tensor, weight: Tensor, target: Tensor, ignore_index: int, label_smoothing: float
+) -> tuple[Tensor, Tensor]:
+    """hidden (N, D), weight (V, D) of a bias-free output projection, target (N,) -> (the summed
+    label-smoothed cross-entropy of ``hidden @ weight.T`` over non-ignored rows, its argmax (N,)).
+
+    The value and gradients of ``smoothed_cross_entropy_sum(F.linear(hidden, weight), ...)``
+    (fp32 rounding apart), without the (N, V) logits or their gradient: the largest tensors of a
+    training step (docs/design.md, "The loss"). Without gradients it is that expression itself."""
+    plain = all(type(t) in (Tensor, torch.nn.Parameter) for t in (hidden, weight))  # not DTensor
+    if plain and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropySum.apply(hidden, weight, target, ignore_index, float(label_smoothing))
+    logits = torch.nn.functional.linear(hidden, weight).float()
+    return smoothed_cross_entropy_sum(logits, target, ignore_index, label_smoothing), logits.argmax(-1)

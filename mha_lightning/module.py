@@ -196,10 +196,13 @@ class Seq2SeqModule(L.LightningModule):
     @override
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """src (B, S), tgt_in (B, T) ids -> logits (B, T, V); compiled on ordinary training steps."""
-        if self._compiled_model is not None and self.training and self._default_attention():
+        if self._runs_compiled():
             self.compiled_calls += 1
             return self._compiled_model(src, tgt_in)
         return self.model(src, tgt_in)
+
+    def _runs_compiled(self) -> bool:
+        return self._compiled_model is not None and self.training and self._default_attention()
 
     def _default_attention(self) -> bool:
         """True unless the monitor (or analysis) swapped attention cores in: those steps run eager,
@@ -207,13 +210,29 @@ class Seq2SeqModule(L.LightningModule):
         return all(type(attn.core) is SDPACore for mods in self.model.attention_layers().values() for attn in mods)
 
     def _loss(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        return token_loss(logits, target, self.label_smoothing, self.dp_group if self.dp_size > 1 else None)
+        return token_loss(logits, target, self.label_smoothing, self._loss_dp_group())
+
+    def _loss_dp_group(self):
+        return self.dp_group if self.dp_size > 1 else None
+
+    def _training_loss_sum(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """-> (summed token loss, argmax predictions). Eager steps run the output projection and the
+        loss together (``Seq2SeqTransformer.teacher_forced_loss``: no logits tensor); compiled steps
+        compile ``forward``, logits included."""
+        src, tgt_in, tgt_out = batch["src"], batch["tgt_in"], batch["tgt_out"]
+        if self._runs_compiled():
+            logits = self(src, tgt_in)
+            loss_sum = smoothed_cross_entropy_sum(
+                logits.flatten(0, 1).float(), tgt_out.flatten(), PAD_ID, self.label_smoothing
+            )
+            return loss_sum, logits.detach().argmax(-1)
+        return self.model.teacher_forced_loss(src, tgt_in, tgt_out, self.label_smoothing)
 
     @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """-> the label-smoothed loss; logs its global per-token mean, accuracy and lr; counts the batch for resume."""
-        logits = self(batch["src"], batch["tgt_in"])
-        loss, mean_loss = self._loss(logits, batch["tgt_out"])
+        loss_sum, predictions = self._training_loss_sum(batch)
+        loss, mean_loss = per_global_token(loss_sum, batch["tgt_out"], self._loss_dp_group())
         loader = self.trainer.train_dataloader
         if hasattr(loader, "mark_step"):
             loader.mark_step()
@@ -222,7 +241,7 @@ class Seq2SeqModule(L.LightningModule):
         if not bool(torch.isfinite(mean_loss)):
             return self._nonfinite("loss", float(mean_loss))
         metrics = self.metrics["train_"]
-        metrics["acc"](logits.detach().argmax(-1), batch["tgt_out"])
+        metrics["acc"](predictions, batch["tgt_out"])
         bsz = batch["src"].shape[0]
         self.log("train/loss", mean_loss, prog_bar=True, batch_size=bsz)
         self.log("train/acc", metrics["acc"], prog_bar=True, batch_size=bsz)
@@ -347,6 +366,11 @@ def token_loss(logits: Tensor, target: Tensor, label_smoothing: float = 0.0, dp_
     with ``dp_group`` (FSDP averages gradients over it) the gradient is exactly the dp=1 one."""
     # F.cross_entropy's value and gradient, the gradient computed in the same pass (losses.py).
     token_loss_sum = smoothed_cross_entropy_sum(logits.flatten(0, 1).float(), target.flatten(), PAD_ID, label_smoothing)
+    return per_global_token(token_loss_sum, target, dp_group)
+
+
+def per_global_token(token_loss_sum: Tensor, target: Tensor, dp_group=None) -> tuple[Tensor, Tensor]:
+    """This rank's summed token loss -> :func:`token_loss`'s pair: (loss to backpropagate, global mean)."""
     totals = torch.stack([token_loss_sum.detach(), (target != PAD_ID).sum().float()])
     dp_size = 1
     if dp_group is not None:

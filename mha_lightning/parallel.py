@@ -138,9 +138,9 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, shard_rng: ShardedDropoutRNG
         for layer in [*model.encoder_layers, *model.decoder_layers]:
             fully_shard(layer, mesh=dp_mesh)
         fully_shard(model, mesh=dp_mesh)
-        # Decoding calls encode/decode, not forward: without this the root's parameters
-        # (embeddings, norms, output) stay sharded and the embedding lookup fails.
-        for method in ("greedy_decode", "beam_decode"):
+        # Decoding and the training loss (output projection fused with it) call encode/decode, not
+        # forward: without this the root's parameters (embeddings, norms, output) stay sharded.
+        for method in ("greedy_decode", "beam_decode", "teacher_forced_loss"):
             register_fsdp_forward_method(model, method)
     return model
 

@@ -19,11 +19,13 @@ no padding) with AdamW, fp32 on CPU or bf16 autocast on CUDA:
   dropout is set to the package's ``attention_dropout`` (nn.Transformer ties it to ``dropout``),
   so both do the same work;
 - ``package, untied``: ``Seq2SeqTransformer(share_embeddings=False)``, the baseline's parameter
-  count (checked: within 1%), with the package's ``token_loss``;
+  count (checked: within 1%), with the package's training loss as ``Seq2SeqModule`` computes it on an
+  eager step (``teacher_forced_loss``: the output projection fused with the loss, no logits tensor);
 - ``package``: the preset as configured (one embedding matrix shared with the output projection);
 - ``package, compiled``: the package model through ``Seq2SeqModule`` with ``module.compile.enabled``
   (the switch ``mha-train`` uses: ``torch.compile`` of the training forward; ``--no-compile`` skips it;
-  a failure is printed and skipped); its compile time is the first step's, reported apart;
+  a failure is printed and skipped), with the logits' loss (``token_loss``) as compiled steps take it;
+  its compile time is the first step's, reported apart;
 - ``lightning``: the package model through ``Seq2SeqModule`` and a Lightning ``Trainer`` built from
   the composed config (gradient clipping, the non-finite checks, accuracy metric, logging to CSV
   every ``log_every_n_steps``, the LR schedule, the preemption callback and the entropy monitor at
@@ -98,7 +100,7 @@ from mha_lightning.data import SyntheticDataModule
 from mha_lightning.data.vocab import BOS_ID, NUM_SPECIAL, PAD_ID
 from mha_lightning.model import Seq2SeqTransformer
 from mha_lightning.model.transformer import sinusoidal_positions
-from mha_lightning.module import Seq2SeqModule, token_loss
+from mha_lightning.module import Seq2SeqModule, per_global_token, token_loss
 from mha_lightning.monitor.callback import EntropyMonitor
 from mha_lightning.preemption import PreemptionCheckpoint
 
@@ -219,18 +221,25 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def package_token_loss(logits: Tensor, target: Tensor, label_smoothing: float) -> Tensor:
-    """The package's training loss (``module.token_loss``): summed over tokens / token count."""
-    return token_loss(logits, target, label_smoothing)[0]
+def package_loss(model: nn.Module, batch: dict[str, Tensor], label_smoothing: float) -> Tensor:
+    """The package's training loss as ``Seq2SeqModule.training_step`` computes it on an eager step:
+    ``teacher_forced_loss`` (the output projection fused with the loss, no logits tensor) over the token count."""
+    loss_sum, _ = model.teacher_forced_loss(batch["src"], batch["tgt_in"], batch["tgt_out"], label_smoothing)
+    return per_global_token(loss_sum, batch["tgt_out"])[0]
 
 
-def hand_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, device: torch.device) -> Step:
-    """One bare training step: forward, loss, backward, AdamW, zero_grad."""
+def logits_loss(loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[nn.Module, dict[str, Tensor]], Tensor]:
+    """A loss of (model, batch) from one of (logits, target): the model's forward, then ``loss_fn``."""
+    return lambda model, batch: loss_fn(model(batch["src"], batch["tgt_in"]), batch["tgt_out"])
+
+
+def hand_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_of, device: torch.device) -> Step:
+    """One bare training step: forward and loss (``loss_of(model, batch)``), backward, AdamW, zero_grad."""
 
     def step(batch: dict[str, Tensor]) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(batch["src"], batch["tgt_in"])  # (B, T, V)
-        loss_fn(logits, batch["tgt_out"]).backward()
+            loss = loss_of(model, batch)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -365,12 +374,12 @@ def compare(args, cfg: DictConfig, device: torch.device, workdir: Path) -> dict:
         logits = logits.flatten(0, 1).float()
         return F.cross_entropy(logits, target.flatten(), ignore_index=PAD_ID, label_smoothing=label_smoothing)
 
-    package_loss = partial(package_token_loss, label_smoothing=label_smoothing)
+    loss_of = partial(package_loss, label_smoothing=label_smoothing)
     torch.manual_seed(0)
     models = {
-        "baseline": (TorchBaseline(base_config), ce),
-        "package, untied": (Seq2SeqTransformer(**{**base_config, "share_embeddings": False}), package_loss),
-        "package": (Seq2SeqTransformer(**base_config), package_loss),
+        "baseline": (TorchBaseline(base_config), logits_loss(ce)),
+        "package, untied": (Seq2SeqTransformer(**{**base_config, "share_embeddings": False}), loss_of),
+        "package": (Seq2SeqTransformer(**base_config), loss_of),
     }
     params = {name: n_params(m) for name, (m, _) in models.items()}
     gap = abs(params["package, untied"] - params["baseline"]) / params["baseline"]
@@ -394,7 +403,9 @@ def compare(args, cfg: DictConfig, device: torch.device, workdir: Path) -> dict:
         compiled.to(device).train()
         compiled.configure_model()
         params["package, compiled"] = n_params(compiled)
-        step = hand_step(compiled, make_optimizer(params=compiled.parameters()), package_loss, device)
+        # Compiled steps compile forward, logits included, and take the logits' loss (module.token_loss).
+        compiled_loss = logits_loss(lambda logits, target: token_loss(logits, target, label_smoothing)[0])
+        step = hand_step(compiled, make_optimizer(params=compiled.parameters()), compiled_loss, device)
         try:
             compile_s = timed_steps(step, batches, 1, device)[0]
             if not compiled.compiled_calls:
@@ -483,8 +494,8 @@ def growth(args, cfg: DictConfig, device: torch.device) -> dict:
             config = model_config(cfg, num_heads=heads, head_dim=None, max_len=max(cfg.model.max_len, seq + 1))
             torch.manual_seed(0)
             model = Seq2SeqTransformer(**config).to(device).train()
-            loss = partial(package_token_loss, label_smoothing=label_smoothing)
-            step = hand_step(model, make_optimizer(params=model.parameters()), loss, device)
+            loss_of = partial(package_loss, label_smoothing=label_smoothing)
+            step = hand_step(model, make_optimizer(params=model.parameters()), loss_of, device)
             batches = random_batches(1, B, seq, args.vocab_size, device)
             timed_steps(step, batches, 1, device)  # warm-up
             points[(kind, value)] = (step, batches, train_flops(config, B, seq, seq))

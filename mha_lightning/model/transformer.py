@@ -22,6 +22,7 @@ from typing_extensions import override
 
 from mha_lightning.errors import ConfigError
 from mha_lightning.kinds import Head
+from mha_lightning.losses import linear_cross_entropy_sum
 from mha_lightning.model.attention import AttentionMask, KVCache, MultiHeadAttention, SDPACore
 from mha_lightning.model.dropout import Dropout
 
@@ -367,6 +368,12 @@ class Seq2SeqTransformer(nn.Module):
         Without ``cache`` start is 0 (every position). With one, start is ``cache.length``: only
         the positions not yet cached run through the decoder (their keys and values are added
         to the cache) and attend to the cached ones."""
+        return self.output(self._decoder_states(tgt_in, memory, src_valid, cache))
+
+    def _decoder_states(
+        self, tgt_in: Tensor, memory: Tensor, src_valid: Tensor, cache: DecoderCache | None = None
+    ) -> Tensor:
+        """``decode`` before the output projection: (B, T - start, D)."""
         T = tgt_in.shape[1]
         start = 0 if cache is None else cache.length
         tgt_valid = tgt_in != self.config.pad_id  # (B, T)
@@ -378,13 +385,30 @@ class Seq2SeqTransformer(nn.Module):
         layer_caches = [None] * len(self.decoder_layers) if cache is None else cache.layers
         for layer, layer_cache in zip(self.decoder_layers, layer_caches, strict=True):
             y = layer(y, memory, self_mask, cross_mask, layer_cache)
-        return self.output(self.decoder_norm(y))
+        return self.decoder_norm(y)
 
     @override
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher forcing: src (B, S), tgt_in (B, T) ids -> logits (B, T, V)."""
+        return self.output(self.decoder_states(src, tgt_in))
+
+    def decoder_states(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher forcing up to the output projection: src (B, S), tgt_in (B, T) -> (B, T, D)."""
         memory, src_valid = self.encode(src)
-        return self.decode(tgt_in, memory, src_valid)
+        return self._decoder_states(tgt_in, memory, src_valid)
+
+    def teacher_forced_loss(
+        self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor, label_smoothing: float = 0.0
+    ) -> tuple[Tensor, Tensor]:
+        """-> (the label-smoothed cross-entropy summed over tgt_out's non-PAD tokens, the argmax
+        predictions (B, T)). With gradients on, the (B, T, V) logits are never materialised: the
+        output projection and the loss run together, a block of tokens at a time
+        (``losses.linear_cross_entropy_sum``); the value and gradients are ``forward``'s."""
+        states = self.decoder_states(src, tgt_in)
+        loss_sum, predictions = linear_cross_entropy_sum(
+            states.flatten(0, 1), self.output.weight, tgt_out.flatten(), self.config.pad_id, label_smoothing
+        )
+        return loss_sum, predictions.view_as(tgt_out)
 
     def generate(
         self,

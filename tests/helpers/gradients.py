@@ -1,5 +1,6 @@
-"""Gradient clipping, observed: a callback that records gradients around Lightning's clipping
-step, and the assertion that value clipping clamped exactly the elements outside [-v, v]."""
+"""Gradients, observed: a callback that records them around Lightning's clipping step, the
+assertion that value clipping clamped exactly the elements outside [-v, v], and the comparison
+of a reordered computation with the plain one against an fp64 result."""
 
 from __future__ import annotations
 
@@ -56,3 +57,11 @@ def assert_value_clipped(before: dict[str, Tensor], after: dict[str, Tensor], cl
         clamped += int(outside.sum())
         total += g.numel()
     return clamped, total
+
+
+def assert_as_exact_as(result: Tensor, plain: Tensor, exact: Tensor, what: str = "") -> None:
+    """``result`` is about as far from the fp64 ``exact`` as ``plain`` (the straightforward fp32 or
+    bf16 computation) is: within twice its error, plus 1e-5 of the largest value (fp32 sums taken
+    in another order, then carried back through a network, differ by a few 1e-6 of it)."""
+    error, plain_error = ((t.double() - exact).abs().max().item() for t in (result, plain))
+    assert error <= 2 * plain_error + 1e-5 * exact.abs().max().item(), (what, error, plain_error)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from helpers.gradients import assert_as_exact_as, grads
 from helpers.models import TINY, tiny
 from mha_lightning.data.batching import collate
 from mha_lightning.data.vocab import BOS_ID, EOS_ID, PAD_ID
@@ -397,3 +400,41 @@ def test_shared_embeddings_tie_source_target_and_output():
     # The scaled embedding of a real token has roughly unit RMS per coordinate (Vaswani et al.).
     emb = model.src_embed.tokens.weight[4:] * model.src_embed.scale
     assert 0.7 < emb.pow(2).mean().sqrt().item() < 1.3
+
+
+@pytest.mark.parametrize("share_embeddings", [True, False])
+def test_teacher_forced_loss_is_forward_then_cross_entropy(share_embeddings):
+    """The fused training loss: forward's logits through label-smoothed cross-entropy, same value,
+    predictions and gradients (as close to fp64's as the unfused fp32 ones), with shared or
+    separate output weights and PAD targets ignored."""
+    V = 100_000  # blocks of CPU_BLOCK_ELEMENTS // V = 20 tokens: the 42 targets take three
+    model = tiny(share_embeddings=share_embeddings, vocab_size=V)
+    g = torch.Generator().manual_seed(3)
+    src = torch.randint(4, V, (6, 9), generator=g)
+    tgt = torch.randint(4, V, (6, 8), generator=g)
+    tgt[0, 5:] = PAD_ID
+    tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
+
+    def unfused(m):
+        logits = m(src, tgt_in)
+        loss = F.cross_entropy(
+            logits.flatten(0, 1), tgt_out.flatten(), ignore_index=PAD_ID, label_smoothing=0.1, reduction="sum"
+        )
+        loss.backward()
+        return loss.detach(), logits.argmax(-1), grads(m)
+
+    exact = unfused(copy.deepcopy(model).double())
+    plain = unfused(model)
+    model.zero_grad()
+    with torch.profiler.profile(record_shapes=True) as prof:
+        loss, predictions = model.teacher_forced_loss(src, tgt_in, tgt_out, label_smoothing=0.1)
+        loss.backward()
+    # The fused path ran: blocks of 20 tokens' logits, never all 42.
+    shapes = {tuple(s) for event in prof.events() for s in event.input_shapes if s}
+    assert (20, V) in shapes and (42, V) not in shapes and (6, 7, V) not in shapes
+    assert_close(loss, plain[0])
+    assert torch.equal(predictions, plain[1])
+    fused_grads = grads(model)
+    assert fused_grads.keys() == plain[2].keys() and model.output.weight.grad.abs().max() > 0
+    for name, grad in fused_grads.items():
+        assert_as_exact_as(grad, plain[2][name], exact[2][name], name)
