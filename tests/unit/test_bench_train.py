@@ -81,6 +81,12 @@ def test_quick_mode_writes_every_field_with_positive_ratios(tmp_path):
     assert report["peak_gflops_per_s"] > 0 and report["train_flops_per_step"] > 0
     assert [row["seq_len"] for row in report["growth"]["seq_len"]] == [8, 16]
     assert [row["num_heads"] for row in report["growth"]["num_heads"]] == [1, 4]
+    # Every swept shape beside the baseline, and the eager bar read over all of them.
+    rows = report["growth"]["seq_len"] + report["growth"]["num_heads"]
+    for row in rows:
+        assert row["vs_baseline"] == row["baseline_step_ms"] / row["step_ms"] > 0
+    swept = report["targets"]["eager >= 1.0x baseline on every swept shape"]
+    assert swept["value"] == min(row["vs_baseline"] for row in rows) and swept["met"] == (swept["value"] >= 1)
     assert set(report["targets"]) >= {"eager >= 1.0x baseline", "MFU >= 60%", "Lightning overhead <= 5%"}
     # How far the numbers can be trusted: each contender's spread between its rounds, and the load.
     spread = report["noise"]["round_spread"]
