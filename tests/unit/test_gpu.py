@@ -65,3 +65,32 @@ def test_fused_loss_equals_cross_entropy_on_cuda():
         grads.append((loss.detach(), x.grad))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=0)
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-8)
+
+
+def test_fused_output_projection_under_bf16_autocast_follows_the_unfused_one_on_cuda():
+    """linear_cross_entropy_sum on CUDA: bf16 matmuls in blocks of GPU_BLOCK_ELEMENTS logits (two blocks
+    here), as close to the fp64 result as F.linear then F.cross_entropy under the same autocast."""
+    from helpers.gradients import assert_as_exact_as
+    from mha_lightning.losses import GPU_BLOCK_ELEMENTS, linear_cross_entropy_sum
+
+    V, D = 32_000, 256
+    N = GPU_BLOCK_ELEMENTS // V + 100
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(N, D, generator=g).cuda(), (torch.randn(V, D, generator=g) / 16).cuda()
+    target = torch.randint(1, V, (N,), generator=g).cuda()
+    target[::7] = 0
+    results = []
+    for how in ("fused", "unfused", "exact"):
+        dtype = torch.float64 if how == "exact" else torch.float32
+        h, w = (t.to(dtype, copy=True).requires_grad_() for t in (hidden, weight))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=how != "exact"):
+            if how == "fused":
+                loss, _ = linear_cross_entropy_sum(h, w, target, 0, 0.1)
+            else:
+                logits = torch.nn.functional.linear(h, w).float()
+                loss = smoothed_cross_entropy_sum(logits, target, 0, 0.1)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    fused, unfused, exact = results
+    for i in range(3):
+        assert_as_exact_as(fused[i], unfused[i], exact[i], ("loss", "hidden grad", "weight grad")[i])
