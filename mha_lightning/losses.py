@@ -61,9 +61,8 @@ class _SmoothedCrossEntropySum(torch.autograd.Function):
         rows = _rows_per_block(logits.device, N, V, None)
         for start in range(0, N, rows):
             block = slice(start, start + rows)
-            row_loss[block] = _block_loss_and_grad_(logits[block], grad[block], target[block], ignore_index, smoothing)[
-                0
-            ]
+            x, g, t = logits[block], grad[block], target[block]
+            row_loss[block] = _block_loss_and_grad_(x, g, t, ignore_index, smoothing)[0]
         ctx.save_for_backward(grad)
         return row_loss.sum()
 

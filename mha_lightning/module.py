@@ -222,10 +222,7 @@ class Seq2SeqModule(L.LightningModule):
         src, tgt_in, tgt_out = batch["src"], batch["tgt_in"], batch["tgt_out"]
         if self._runs_compiled():
             logits = self(src, tgt_in)
-            loss_sum = smoothed_cross_entropy_sum(
-                logits.flatten(0, 1).float(), tgt_out.flatten(), PAD_ID, self.label_smoothing
-            )
-            return loss_sum, logits.detach().argmax(-1)
+            return token_loss_sum(logits, tgt_out, self.label_smoothing), logits.detach().argmax(-1)
         return self.model.teacher_forced_loss(src, tgt_in, tgt_out, self.label_smoothing)
 
     @override
@@ -364,9 +361,13 @@ def token_loss(logits: Tensor, target: Tensor, label_smoothing: float = 0.0, dp_
 
     The mean is over all target tokens of the global batch, not a mean of per-rank means:
     with ``dp_group`` (FSDP averages gradients over it) the gradient is exactly the dp=1 one."""
-    # F.cross_entropy's value and gradient, the gradient computed in the same pass (losses.py).
-    token_loss_sum = smoothed_cross_entropy_sum(logits.flatten(0, 1).float(), target.flatten(), PAD_ID, label_smoothing)
-    return per_global_token(token_loss_sum, target, dp_group)
+    return per_global_token(token_loss_sum(logits, target, label_smoothing), target, dp_group)
+
+
+def token_loss_sum(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """logits (B, T, V), target (B, T) -> the label-smoothed cross-entropy summed over non-PAD tokens:
+    ``F.cross_entropy``'s value and gradient, the gradient computed in the same pass (losses.py)."""
+    return smoothed_cross_entropy_sum(logits.flatten(0, 1).float(), target.flatten(), PAD_ID, label_smoothing)
 
 
 def per_global_token(token_loss_sum: Tensor, target: Tensor, dp_group=None) -> tuple[Tensor, Tensor]:
