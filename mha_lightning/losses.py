@@ -5,7 +5,11 @@
 vocabulary of 8000 that tensor is the largest of the training step. Here each block of rows is
 read once while it is in cache: its log-sum-exp, its loss and its gradient (softmax minus the
 smoothed target) come out of that one visit, and backward only scales the stored gradient
-(docs/design.md, "Training speed").
+(docs/design.md, "The loss").
+
+:func:`linear_cross_entropy_sum` takes the output projection into the same loop: each block's
+logits are made from the decoder states, used and dropped, so the (tokens, vocabulary) logits
+and their gradient never exist.
 """
 
 from __future__ import annotations
