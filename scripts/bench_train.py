@@ -491,8 +491,9 @@ def growth(args, cfg: DictConfig, device: torch.device) -> dict:
     B = args.sweep_batch
     make_optimizer = instantiate(cfg.module.optimizer)
     label_smoothing = float(cfg.module.label_smoothing)
+    package_loss_of = partial(package_loss, label_smoothing=label_smoothing)
     contenders = {
-        "package": (Seq2SeqTransformer, partial(package_loss, label_smoothing=label_smoothing)),
+        "package": (lambda config: Seq2SeqTransformer(**config), package_loss_of),
         "baseline": (TorchBaseline, baseline_loss(label_smoothing)),
     }
     points: dict[tuple[str, int, str], tuple[Step, list]] = {}
@@ -510,8 +511,7 @@ def growth(args, cfg: DictConfig, device: torch.device) -> dict:
             flops[(kind, value)] = train_flops(config, B, seq, seq)
             for name, (make_model, loss_of) in contenders.items():
                 torch.manual_seed(0)
-                model = make_model(config) if name == "baseline" else make_model(**config)
-                model.to(device).train()
+                model = make_model(config).to(device).train()
                 step = hand_step(model, make_optimizer(params=model.parameters()), loss_of, device)
                 timed_steps(step, batches, 1, device)  # warm-up
                 points[(kind, value, name)] = (step, batches)
