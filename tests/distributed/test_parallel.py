@@ -4,8 +4,9 @@ Each spawned world builds the tiny model twice from one seed: a reference copy t
 single-device, and a copy that `parallel.parallelize` shards over the (dp, tp) mesh. Workers
 run both on the same data and send the numbers back; the asserts run here. Process start-up
 dominates the cost, so one tp=2 world serves tests 1-3 and 5 (module-scoped fixture) and one
-dp=2 x tp=2 world serves the slow tests. Every loss is the production one,
-`mha_lightning.module.token_loss`, as Seq2SeqModule trains with it.
+dp=2 x tp=2 world serves the slow tests. Every loss is the production one, as Seq2SeqModule
+trains eager steps with it: `Seq2SeqTransformer.teacher_forced_loss` (the output projection fused
+with the loss; under FSDP a registered forward method) over the global token count.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from mha_lightning import parallel
 from mha_lightning.data.vocab import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID
 from mha_lightning.errors import ConfigError
 from mha_lightning.model import Seq2SeqTransformer
-from mha_lightning.module import token_loss
+from mha_lightning.module import per_global_token
 
 LABEL_SMOOTHING = 0.1
 TP_STEPS = 20
@@ -64,8 +65,9 @@ def make_batch(batch_size: int, seed: int, src_len: int = 9, tgt_len: int = 8) -
 
 def loss_of(model: nn.Module, batch: dict[str, Tensor], dp_group=None) -> tuple[Tensor, Tensor]:
     """(loss to backpropagate, global mean token loss) of ``model`` on ``batch``: the training loss,
-    ``token_loss``, over ``dp_group`` when given (its ranks each hold a slice of the global batch)."""
-    return token_loss(model(batch["src"], batch["tgt_in"]), batch["tgt_out"], LABEL_SMOOTHING, dp_group)
+    over ``dp_group`` when given (its ranks each hold a slice of the global batch)."""
+    loss_sum, _ = model.teacher_forced_loss(batch["src"], batch["tgt_in"], batch["tgt_out"], LABEL_SMOOTHING)
+    return per_global_token(loss_sum, batch["tgt_out"], dp_group)
 
 
 def twin_models(mesh: DeviceMesh, state: dict | None = None) -> tuple[nn.Module, nn.Module]:
