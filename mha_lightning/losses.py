@@ -48,10 +48,9 @@ def _block_loss_and_grad_(
     return torch.where(valid, loss, 0.0), argmax.squeeze(1)
 
 
-def _rows_per_block(device: torch.device, rows: int, vocab: int, gpu_elements: int | None) -> int:
-    if device.type == "cpu":
-        return max(1, CPU_BLOCK_ELEMENTS // vocab)
-    return max(1, gpu_elements // vocab) if gpu_elements else max(1, rows)
+def _rows_per_block(device: torch.device, vocab: int, gpu_elements: int) -> int:
+    """Rows of logits per block: ``CPU_BLOCK_ELEMENTS`` values on CPU, ``gpu_elements`` elsewhere."""
+    return max(1, (CPU_BLOCK_ELEMENTS if device.type == "cpu" else gpu_elements) // vocab)
 
 
 class _SmoothedCrossEntropySum(torch.autograd.Function):
@@ -62,7 +61,7 @@ class _SmoothedCrossEntropySum(torch.autograd.Function):
         N, V = logits.shape  # (tokens, vocabulary)
         grad = torch.empty_like(logits)  # d(loss)/d(logits), filled block by block
         row_loss = logits.new_empty(N)
-        rows = _rows_per_block(logits.device, N, V, None)
+        rows = _rows_per_block(logits.device, V, gpu_elements=N * V)  # GPU: one block
         for start in range(0, N, rows):
             block = slice(start, start + rows)
             x, g, t = logits[block], grad[block], target[block]
@@ -105,7 +104,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=w.device)
             row_loss = hidden.new_empty(N, dtype=torch.float32)
             argmax = target.new_empty(N)
-            rows = _rows_per_block(hidden.device, N, V, GPU_BLOCK_ELEMENTS)
+            rows = _rows_per_block(hidden.device, V, GPU_BLOCK_ELEMENTS)
             for start in range(0, N, rows):
                 block = slice(start, start + rows)
                 x = (h[block] @ w.t()).float()  # (n, V): this block's logits
