@@ -50,13 +50,32 @@ class AttentionMask(NamedTuple):
 AttentionObserver = Callable[[Tensor, AttentionMask], None]
 
 
+# On CPU with more than one thread, attention over at most this many keys runs as two batched matmuls
+# around a softmax: SDPA's flash kernel hardly gains from a second thread at these sizes and costs 1.1-1.5x
+# as much; on one thread it is the faster (docs/design.md, "Attention over short sequences on CPU").
+CPU_MATMUL_ATTENTION_MAX_KEYS = 48
+
+
 class SDPACore(nn.Module):
-    """The default core: ``F.scaled_dot_product_attention`` (fused kernels where available)."""
+    """The default core: ``F.scaled_dot_product_attention`` (fused kernels where available), or on CPU
+    with several threads over at most ``CPU_MATMUL_ATTENTION_MAX_KEYS`` keys the same maths as plain matmuls."""
 
     @override
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout_p: float) -> Tensor:
         """q (B, H, Tq, hd), k and v (B, H, Tk, hd) -> (B, H, Tq, hd)."""
+        short = k.shape[-2] <= CPU_MATMUL_ATTENTION_MAX_KEYS
+        if q.device.type == "cpu" and short and torch.get_num_threads() > 1:
+            return matmul_attention(q, k, v, mask, dropout_p)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.keys.unsqueeze(1), dropout_p=dropout_p)
+
+
+def matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout_p: float) -> Tensor:
+    """``F.scaled_dot_product_attention`` as its definition reads: q (B, H, Tq, hd), k and v (B, H, Tk, hd)
+    -> (B, H, Tq, hd), in the inputs' dtype. Every query sees at least one key (``AttentionMask``), so no
+    softmax row is empty."""
+    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(1 / math.sqrt(q.shape[-1]))  # (B, H, Tq, Tk)
+    probs = scores.masked_fill_(~mask.keys.unsqueeze(1), float("-inf")).softmax(-1)
+    return F.dropout(probs, p=dropout_p) @ v
 
 
 class ProbingCore(nn.Module):

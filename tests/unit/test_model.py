@@ -68,7 +68,9 @@ def test_padding_does_not_change_outputs(norm_first, explicit):
 
 
 @pytest.mark.parametrize("norm_first", [True, False], ids=["pre_ln", "post_ln"])
-def test_sdpa_path_equals_explicit_path(norm_first):
+@pytest.mark.parametrize("threads", [1, 2], ids=["sdpa_kernel", "matmuls"])  # SDPACore's two CPU paths
+def test_sdpa_path_equals_explicit_path(norm_first, threads):
+    torch.set_num_threads(threads)  # conftest's autouse fixture restores the count
     model = tiny(norm_first=norm_first)
     batch = collate(PAIRS)
     with torch.no_grad():
