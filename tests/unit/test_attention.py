@@ -14,10 +14,10 @@ from mha_lightning.model.attention import CPU_MATMUL_ATTENTION_MAX_KEYS, matmul_
 B, H, HD = 3, 4, 16
 
 
-def masked_inputs(Tq: int, Tk: int, causal: bool, dtype=torch.float32, seed=0):
+def masked_inputs(Tq: int, Tk: int, causal: bool):
     """q, k, v (B, H, T, hd) and a mask with padded keys (and a causal one for self-attention)."""
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, H, T, HD, generator=g, dtype=dtype) for T in (Tq, Tk, Tk))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, T, HD, generator=g) for T in (Tq, Tk, Tk))
     lengths = torch.tensor([Tk, Tk - 3, max(1, Tk // 2)])
     keys = (torch.arange(Tk) < lengths[:, None]).unsqueeze(1)  # (B, 1, Tk): padding
     if causal:
