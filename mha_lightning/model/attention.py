@@ -50,21 +50,24 @@ class AttentionMask(NamedTuple):
 AttentionObserver = Callable[[Tensor, AttentionMask], None]
 
 
-# On CPU with more than one thread, attention over at most this many keys runs as two batched matmuls
-# around a softmax: SDPA's flash kernel hardly gains from a second thread at these sizes and costs 1.1-1.5x
-# as much; on one thread it is the faster (docs/design.md, "Attention over short sequences on CPU").
+# Training on CPU with more than one thread, attention over at most this many keys runs as two batched
+# matmuls around a softmax: SDPA's flash kernel hardly gains from a second thread at these sizes, and its
+# backward costs 1.1-1.5x as much. Its forward alone is the faster (decoding, evaluation), and so is all
+# of it on one thread (docs/design.md, "Attention over short sequences on CPU").
 CPU_MATMUL_ATTENTION_MAX_KEYS = 48
 
 
 class SDPACore(nn.Module):
-    """The default core: ``F.scaled_dot_product_attention`` (fused kernels where available), or on CPU
-    with several threads over at most ``CPU_MATMUL_ATTENTION_MAX_KEYS`` keys the same maths as plain matmuls."""
+    """The default core: ``F.scaled_dot_product_attention`` (fused kernels where available), or, when
+    gradients flow on CPU with several threads over at most ``CPU_MATMUL_ATTENTION_MAX_KEYS`` keys, the
+    same maths as plain matmuls."""
 
     @override
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout_p: float) -> Tensor:
         """q (B, H, Tq, hd), k and v (B, H, Tk, hd) -> (B, H, Tq, hd)."""
+        backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         short = k.shape[-2] <= CPU_MATMUL_ATTENTION_MAX_KEYS
-        if q.device.type == "cpu" and short and torch.get_num_threads() > 1:
+        if backward and short and q.device.type == "cpu" and torch.get_num_threads() > 1:
             return matmul_attention(q, k, v, mask, dropout_p)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.keys.unsqueeze(1), dropout_p=dropout_p)
 

@@ -47,12 +47,12 @@ def test_matmul_attention_equals_sdpa_in_value_and_gradients(causal):
     assert ours[2][0].abs().max() > 0 and ours[2][2, :, -1].abs().max() == 0  # padded keys get no gradient
 
 
-def test_sdpa_core_runs_matmuls_over_short_keys_on_several_threads_and_the_kernel_otherwise():
-    def ops(Tk, n_threads):
+def test_sdpa_core_runs_matmuls_for_training_on_several_threads_over_short_keys_and_the_kernel_otherwise():
+    def ops(Tk, n_threads, grad=True):
         torch.set_num_threads(n_threads)  # conftest's autouse fixture restores the count
         q, k, v, mask = masked_inputs(8, Tk, causal=False)
-        with torch.profiler.profile() as prof:
-            out = SDPACore()(q, k, v, mask, 0.0)
+        with torch.set_grad_enabled(grad), torch.profiler.profile() as prof:
+            out = SDPACore()(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), mask, 0.0)
         torch.testing.assert_close(out, sdpa(q, k, v, mask), atol=1e-5, rtol=1e-5)
         return {e.name for e in prof.events()}
 
@@ -61,6 +61,7 @@ def test_sdpa_core_runs_matmuls_over_short_keys_on_several_threads_and_the_kerne
     assert flash not in short and "aten::softmax" in short
     assert flash in ops(CPU_MATMUL_ATTENTION_MAX_KEYS + 1, 2)
     assert flash in ops(CPU_MATMUL_ATTENTION_MAX_KEYS, 1)  # one thread: the kernel is the faster there
+    assert flash in ops(CPU_MATMUL_ATTENTION_MAX_KEYS, 2, grad=False)  # forward only (decoding): the kernel too
 
 
 def test_matmul_attention_drops_probabilities_like_sdpa():
