@@ -646,8 +646,8 @@ def growth_target(sweep: dict) -> dict:
     ratios = [row["vs_baseline"] for kind in ("seq_len", "num_heads") for row in sweep[kind]]
     if not ratios:
         return {}
-    worst = min(ratios)
-    return {"eager >= 1.0x baseline on every swept shape": {"value": worst, "bar": TARGETS["eager"], "met": worst >= 1}}
+    worst, bar = min(ratios), TARGETS["eager"]
+    return {"eager >= 1.0x baseline on every swept shape": {"value": worst, "bar": bar, "met": worst >= bar}}
 
 
 def main(argv: list[str] | None = None) -> dict:
