@@ -17,9 +17,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Logits per block on CPU: 2**21 fp32 values (8 MB, 262 rows of an 8000-word vocabulary) stay in cache
-# between the passes. A GPU gains nothing from blocks (its passes stream anyway): one block there.
-CPU_BLOCK_ELEMENTS = 2**21
+# Logits per block on CPU: 2**22 fp32 values (16 MB, 524 rows of an 8000-word vocabulary) stay in cache
+# between the passes, and the block's three matmuls are large enough to run near the machine's peak
+# (docs/design.md, "The loss"). A GPU gains nothing from blocks (its passes stream anyway): one block there.
+CPU_BLOCK_ELEMENTS = 2**22
 # The fused output projection's blocks on a GPU: logits of at most 2**26 values (256 MB in fp32) at a time,
 # instead of all (tokens x vocabulary) of them.
 GPU_BLOCK_ELEMENTS = 2**26

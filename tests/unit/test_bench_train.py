@@ -79,6 +79,16 @@ def test_quick_mode_writes_every_field_with_positive_ratios(tmp_path):
     assert 0 <= results["lightning + data"]["between_steps_fraction"] < 1
     assert results["lightning + data"]["dataloader_ms_per_batch"] > 0
     assert report["peak_gflops_per_s"] > 0 and report["train_flops_per_step"] > 0
+    # MFU pairs each round's rate with the peak measured beside it in that round.
+    peaks, package = report["peak_gflops_per_s_by_round"], results["package"]
+    assert len(peaks) == len(package["step_ms_by_round"]) == 2 and min(peaks) > 0
+    paired = sorted(
+        report["train_flops_per_step"] / (ms / 1e3) / 1e9 / peak
+        for ms, peak in zip(package["step_ms_by_round"], peaks, strict=True)
+    )
+    assert abs(package["mfu"] - (paired[0] + paired[1]) / 2) < 1e-9
+    assert report["best_peak_gflops_per_s"] >= max(peaks)
+    assert package["mfu_vs_best_peak"] == package["gflops_per_s"] / report["best_peak_gflops_per_s"]
     assert [row["seq_len"] for row in report["growth"]["seq_len"]] == [8, 16]
     assert [row["num_heads"] for row in report["growth"]["num_heads"]] == [1, 4]
     # Every swept shape beside the baseline, and the eager bar read over all of them.

@@ -14,6 +14,7 @@ from helpers.models import TINY, tiny
 from mha_lightning.data.batching import collate
 from mha_lightning.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from mha_lightning.errors import ConfigError
+from mha_lightning.losses import CPU_BLOCK_ELEMENTS
 from mha_lightning.model import DecoderCache, ProbingCore, SDPACore, Seq2SeqTransformer
 
 
@@ -409,7 +410,7 @@ def test_teacher_forced_loss_is_forward_then_cross_entropy(share_embeddings):
     """The fused training loss: forward's logits through label-smoothed cross-entropy, same value,
     predictions and gradients (as close to fp64's as the unfused fp32 ones), with shared or
     separate output weights and PAD targets ignored."""
-    V = 100_000  # blocks of CPU_BLOCK_ELEMENTS // V = 20 tokens: the 42 targets take three
+    V = CPU_BLOCK_ELEMENTS // 20  # blocks of 20 tokens: the 42 targets take three
     model = tiny(share_embeddings=share_embeddings, vocab_size=V)
     g = torch.Generator().manual_seed(3)
     src = torch.randint(4, V, (6, 9), generator=g)
