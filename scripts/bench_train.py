@@ -64,10 +64,11 @@ MFU is the achieved rate over a matmul peak measured in the same run, so it says
 comes to what this machine's matmul reaches, not to a datasheet. The peak is the best of three fp32
 2048 x 2048 matmuls on CPU (bf16 8192 x 8192 on CUDA) taken just before and just after the package's
 timed steps in every round; each contender's MFU is the median over rounds of its rate in a round
-over that round's peak. On a shared machine the peak moves by a third within minutes (105-146
-GFLOP/s on the 2-core development machine), so a peak from another moment says more about the
-neighbours than about the step. The run's highest peak of all (before, during and after) and the
-MFU against it are reported too (``best_peak_gflops_per_s``, ``mfu_vs_best_peak``).
+over that round's peak. On a shared machine the peak moves by a quarter or more within minutes
+(97.8-123.7 GFLOP/s within one run on the 2-core development machine, 105-146 between runs), so a
+peak from another moment says more about the neighbours than about the step. The run's highest peak
+of all (before, during and after) and the MFU against it are reported too (``best_peak_gflops_per_s``,
+``mfu_vs_best_peak``).
 
 Cost growth: the package model's step time against the sequence length (source = target length,
 ``--sweep-batch`` sentences) and against num_heads at fixed d_model (head_dim = d_model / heads),
