@@ -10,28 +10,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mha_lightning.distributed.layout import ParallelConfig
 from mha_lightning.errors import ConfigError
+from mha_lightning.schema import from_mapping, positive_int
 
 STRATEGIES = ("greedy", "beam")
-
-
-def _from_mapping(cls, values: Mapping[str, Any] | None, group: str):
-    """``cls(**values)``, but an unknown key is one line naming the group and the known keys."""
-    values = dict(values or {})
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{group} has no option {unknown[0]!r}; its options are {sorted(known)}")
-    return cls(**values)
-
-
-def _positive_int(key: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -46,8 +33,8 @@ class DecodingConfig:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"module.decoding.strategy={self.strategy!r} must be one of {list(STRATEGIES)}")
-        _positive_int("module.decoding.beam_size", self.beam_size)
-        _positive_int("module.decoding.max_extra_len", self.max_extra_len)
+        positive_int("module.decoding.beam_size", self.beam_size)
+        positive_int("module.decoding.max_extra_len", self.max_extra_len)
         if not isinstance(self.length_penalty, (int, float)) or self.length_penalty < 0:
             raise ConfigError(f"module.decoding.length_penalty must be a number >= 0, got {self.length_penalty!r}")
 
@@ -61,7 +48,7 @@ class DecodingConfig:
         """From a config node or a checkpoint's saved dict (missing keys take the defaults)."""
         if isinstance(values, cls):
             return values
-        return _from_mapping(cls, values, "module.decoding")
+        return from_mapping(cls, values, "module.decoding")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, as saved in checkpoints."""
@@ -99,7 +86,7 @@ class CompileConfig:
         """From the ``module.compile`` config node (missing keys take the defaults)."""
         if isinstance(values, cls):
             return values
-        return _from_mapping(cls, values, "module.compile")
+        return from_mapping(cls, values, "module.compile")
 
 
 @dataclass(frozen=True)
@@ -114,7 +101,7 @@ class MonitorConfig:
     render_plots: bool = True  # PNG curves and heatmaps in <run>/plots at the end of training
 
     def __post_init__(self) -> None:
-        _positive_int("monitor.every_n_steps", self.every_n_steps)
+        positive_int("monitor.every_n_steps", self.every_n_steps)
         threshold = self.collapse_threshold
         if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0.0 <= threshold <= 1.0:
             raise ConfigError(f"monitor.collapse_threshold must be a number in [0, 1], got {threshold!r}")
@@ -122,35 +109,7 @@ class MonitorConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> MonitorConfig:
         """From the ``monitor`` config node."""
-        return _from_mapping(cls, values, "monitor")
-
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    """The device layout (``parallel`` group); dp x tp must equal devices x nodes."""
-
-    tensor_parallel_size: int = 1
-    data_parallel_size: int | str = "auto"  # "auto": devices x num_nodes / tensor_parallel_size
-    timeout_minutes: float = 10.0  # a collective waiting longer (a hung rank) ends the job
-
-    def __post_init__(self) -> None:
-        minutes = self.timeout_minutes
-        if not isinstance(minutes, (int, float)) or isinstance(minutes, bool) or minutes <= 0:
-            raise ConfigError(f"parallel.timeout_minutes must be a positive number, got {minutes!r}")
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None) -> ParallelConfig:
-        """From the ``parallel`` config node."""
-        return _from_mapping(cls, values, "parallel")
-
-    def sizes(self, devices: Any, num_nodes: Any) -> tuple[int, int]:
-        """(data_parallel_size, tensor_parallel_size) with "auto" resolved; not yet checked."""
-        _positive_int("trainer.devices", devices)
-        _positive_int("trainer.num_nodes", num_nodes)
-        tp, dp = self.tensor_parallel_size, self.data_parallel_size
-        if dp == "auto":
-            dp = max(1, devices * num_nodes // tp) if isinstance(tp, int) and tp > 0 else 1
-        return dp, tp
+        return from_mapping(cls, values, "monitor")
 
 
 def model_kwargs(node: Mapping[str, Any]) -> dict[str, Any]:
@@ -336,17 +295,13 @@ def preflight(cfg: Any) -> RunPlan:
     from omegaconf import OmegaConf
 
     from mha_lightning.model import TransformerConfig
-    from mha_lightning.parallel import validate_parallel_config
 
     c = OmegaConf.to_container(cfg, resolve=True)
     model = model_kwargs(c["model"])
     trainer = c.get("trainer") or {}
     _check_trainer(trainer)
     parallel = ParallelConfig.from_dict(c.get("parallel"))
-    dp, tp = parallel.sizes(trainer.get("devices", 1), trainer.get("num_nodes", 1))
-    validate_parallel_config(
-        model.get("num_heads"), model.get("ffn_dim"), dp, tp, trainer.get("devices", 1), trainer.get("num_nodes", 1)
-    )
+    dp, tp = parallel.validate(model, trainer.get("devices", 1), trainer.get("num_nodes", 1))
     _check_launcher_world(trainer.get("devices", 1), trainer.get("num_nodes", 1))
     model = asdict(TransformerConfig(**model))  # the model's own checks, named model.<key>; head_dim resolved
     _check_lengths(c.get("data") or {}, model)

@@ -15,9 +15,10 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import CHRFScore, Perplexity, SacreBLEUScore
 from typing_extensions import override
 
-from mha_lightning import parallel, seeding
+from mha_lightning import seeding
 from mha_lightning.config import CompileConfig, DecodingConfig
 from mha_lightning.data.vocab import BOS_ID, EOS_ID, PAD_ID
+from mha_lightning.distributed import DP, collectives, ranks_of
 from mha_lightning.errors import ConfigError, NonFiniteError
 from mha_lightning.losses import smoothed_cross_entropy_sum
 from mha_lightning.model import Seq2SeqTransformer
@@ -98,10 +99,12 @@ class Seq2SeqModule(L.LightningModule):
         """Shard the model over the strategy's (dp, tp) mesh, then compile it if asked; each once."""
         mesh = self.device_mesh
         if mesh is not None and not getattr(self, "_parallelized", False):
-            self._shard_rng = parallel.shard_rng_for(self.model, mesh, torch.initial_seed())
-            parallel.parallelize(self.model, mesh, self._shard_rng)
+            from mha_lightning.distributed.parallelize import describe_sharding, parallelize, shard_rng_for
+
+            self._shard_rng = shard_rng_for(self.model, mesh, torch.initial_seed())
+            parallelize(self.model, mesh, self._shard_rng)
             self._parallelized = True
-            print(parallel.describe_sharding(self.model, mesh), flush=True)
+            print(describe_sharding(self.model, mesh), flush=True)
         compile = self.compile_config
         if compile.enabled and self._compiled_model is None:
             # The whole model, called as a module (its hooks included); lazily compiled at the first
@@ -159,29 +162,27 @@ class Seq2SeqModule(L.LightningModule):
     @property
     def tp_rank_and_size(self) -> tuple[int, int]:
         """(tensor-parallel rank, size) of this process; (0, 1) on one device."""
-        mesh = self.device_mesh
-        if mesh is None:
-            return 0, 1
-        return mesh["tensor_parallel"].get_local_rank(), mesh["tensor_parallel"].size()
+        ranks = ranks_of(self.device_mesh)
+        return ranks.tp_rank, ranks.tp_size
 
     @property
     def dp_rank(self) -> int:
         """Data-parallel rank of this process."""
         mesh = self.device_mesh
-        return mesh["data_parallel"].get_local_rank() if mesh is not None else self.global_rank
+        return ranks_of(mesh).dp_rank if mesh is not None else self.global_rank
 
     @property
     def dp_group(self):
         """The data-parallel process group (None on one device)."""
         mesh = self.device_mesh
-        return mesh["data_parallel"].get_group() if mesh is not None else None
+        return mesh[DP].get_group() if mesh is not None else None
 
     @property
     def dp_size(self) -> int:
         """Number of data-parallel replicas."""
         mesh = self.device_mesh
         if mesh is not None:
-            return mesh["data_parallel"].size()
+            return ranks_of(mesh).dp_size
         trainer = self._attached_trainer()
         return trainer.world_size if trainer is not None else 1
 
@@ -307,7 +308,7 @@ class Seq2SeqModule(L.LightningModule):
         """Decode ``src`` (B, S) with ``self.decoding`` -> (B, L) ids without BOS, PAD after EOS."""
         cfg = self.decoding
         # Every rank must run the same number of decoder steps (FSDP/TP collectives per step).
-        max_len = parallel.all_max(self.decode_steps(src), src.device)
+        max_len = collectives.all_max(self.decode_steps(src), src.device)
         return self.model.generate(
             src,
             max_len,
@@ -315,7 +316,7 @@ class Seq2SeqModule(L.LightningModule):
             EOS_ID,
             beam_size=cfg.beam,
             length_penalty=float(cfg.length_penalty),
-            sync_done=lambda done: parallel.all_done(done, src.device),  # ranks decode in lockstep
+            sync_done=lambda done: collectives.all_done(done, src.device),  # ranks decode in lockstep
         )
 
     # ----------------------------------------------------------------- optimisation
@@ -331,13 +332,13 @@ class Seq2SeqModule(L.LightningModule):
             return
         # Parameters live on different meshes under TP x FSDP: clip with a per-mesh norm.
         # The norm on_before_optimizer_step just measured (Lightning clips right after it): not computed twice.
-        norm = parallel.clip_grad_norm(self.parameters(), float(gradient_clip_val), self._grad_norm)
+        norm = collectives.clip_grad_norm(self.parameters(), float(gradient_clip_val), self._grad_norm)
         self.log("train/grad_norm", norm, batch_size=1)
 
     @override
     def on_before_optimizer_step(self, optimizer) -> None:
         """A finite loss can still give non-finite gradients: stop or skip before they reach the weights."""
-        norm = parallel.total_grad_norm(self.parameters())  # global over every mesh: all ranks agree
+        norm = collectives.total_grad_norm(self.parameters())  # global over every mesh: all ranks agree
         self._grad_norm = norm
         if not bool(torch.isfinite(norm)):
             self._grad_norm = None  # skipped: the gradients are dropped below
@@ -349,7 +350,7 @@ class Seq2SeqModule(L.LightningModule):
         """The injected optimizer (and step-wise schedule), bound to the sharded parameters."""
         if self.optimizer_factory is None:
             raise ConfigError("this module was built for evaluation (no module.optimizer); it cannot train")
-        optimizer = parallel.optimizer_for(self.optimizer_factory, list(self.parameters()))
+        optimizer = collectives.optimizer_for(self.optimizer_factory, list(self.parameters()))
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
@@ -375,7 +376,7 @@ def per_global_token(token_loss_sum: Tensor, target: Tensor, dp_group=None) -> t
     totals = torch.stack([token_loss_sum.detach(), (target != PAD_ID).sum().float()])
     dp_size = 1
     if dp_group is not None:
-        parallel.all_reduce_sum(totals, dp_group)
+        collectives.all_reduce_sum(totals, dp_group)
         dp_size = torch.distributed.get_world_size(dp_group)
     global_tokens = totals[1].clamp(min=1)
     return token_loss_sum * dp_size / global_tokens, totals[0] / global_tokens

@@ -23,7 +23,7 @@ import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
-from mha_lightning.parallel import all_max
+from mha_lightning.distributed.collectives import all_max
 
 # Signals that mean "you are about to be stopped": save and leave.
 PREEMPTION_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))

@@ -236,10 +236,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     plan = preflight(cfg)
     if plan.world_size > 1:
-        from mha_lightning import parallel
+        from mha_lightning.distributed.launch import share_cpu_cores
 
         per_node = max(1, plan.world_size // int(cfg.trainer.get("num_nodes", 1) or 1))
-        threads = parallel.share_cpu_cores(per_node)
+        threads = share_cpu_cores(per_node)
         if threads is not None and launcher_rank() in (None, 0):
             log.info("%d processes on this node, %d CPU thread(s) each", per_node, threads)
     if launcher_rank() in (None, 0):

@@ -5,7 +5,7 @@
     python scripts/bench_parallel.py --model small --tp 1 2 4      # on a CUDA machine: NCCL, bf16 autocast
 
 Each tensor-parallel size runs in its own spawned world (one process per rank, mesh
-(dp=1, tp)), with the package's own `parallel.parallelize`, on the same global batch.
+(dp=1, tp)), with the package's own `distributed.parallelize`, on the same global batch.
 Reported per size:
 
 - step time: median over --steps AdamW steps after --warmup, and tokens/s (source + target);
@@ -30,24 +30,22 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import statistics
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from mha_lightning import parallel
+from mha_lightning.distributed import ParallelConfig
+from mha_lightning.distributed.launch import run_local
+from mha_lightning.distributed.parallelize import parallelize
 from mha_lightning.model import Seq2SeqTransformer
 
 # Mirrors conf/model/{tiny,small}.yaml.
@@ -123,101 +121,86 @@ def model_flops_per_step(model: nn.Module, batch: int, src_len: int, tgt_len: in
     return 6.0 * (encoder * batch * src_len + decoder * batch * tgt_len)
 
 
-def worker(rank: int, tp: int, args: argparse.Namespace, out_dir: str, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(tp))
-    cuda = args.device == "cuda"
-    if cuda:
-        torch.cuda.set_device(rank)
-    else:
-        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // tp))
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=tp)
-    try:
-        device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-        mesh = init_device_mesh(device.type, (1, tp), mesh_dim_names=("data_parallel", "tensor_parallel"))
-        torch.manual_seed(0)  # same weights and data on every rank and in every world
-        model = Seq2SeqTransformer(
-            vocab_size=args.vocab_size, dropout=0.0, max_len=max(256, args.seq_len + 1), **MODELS[args.model]
-        ).to(device)
-        parallel.parallelize(model, mesh)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        B, S = args.batch_size, args.seq_len
-        src = torch.randint(4, args.vocab_size, (B, S), device=device)
-        tgt = torch.randint(4, args.vocab_size, (B, S + 1), device=device)
+def worker(mesh, args: argparse.Namespace) -> dict:
+    tp, rank = mesh.size(), dist.get_rank()
+    cuda = mesh.device_type == "cuda"
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    torch.manual_seed(0)  # same weights and data on every rank and in every world
+    model = Seq2SeqTransformer(
+        vocab_size=args.vocab_size, dropout=0.0, max_len=max(256, args.seq_len + 1), **MODELS[args.model]
+    ).to(device)
+    parallelize(model, mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    B, S = args.batch_size, args.seq_len
+    src = torch.randint(4, args.vocab_size, (B, S), device=device)
+    tgt = torch.randint(4, args.vocab_size, (B, S + 1), device=device)
 
-        phases = {
-            "forward": contextlib.nullcontext,
-            "backward": contextlib.nullcontext,
-            "optimizer": contextlib.nullcontext,
-        }
+    phases = {
+        "forward": contextlib.nullcontext,
+        "backward": contextlib.nullcontext,
+        "optimizer": contextlib.nullcontext,
+    }
 
-        def step() -> None:
-            with phases["forward"](), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                logits = model(src, tgt[:, :-1])
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), tgt[:, 1:].flatten())
-            with phases["backward"]():
-                loss.backward()
-            with phases["optimizer"]():
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+    def step() -> None:
+        with phases["forward"](), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            logits = model(src, tgt[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), tgt[:, 1:].flatten())
+        with phases["backward"]():
+            loss.backward()
+        with phases["optimizer"]():
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        def sync() -> None:
-            if cuda:
-                torch.cuda.synchronize()
-
-        for _ in range(args.warmup):
-            step()
-        counters = {phase: CollectiveCounter() for phase in phases}
-        phases.update({phase: (lambda c=c: c) for phase, c in counters.items()})
-        step()  # one counted step, outside the timing
-        phases.update({phase: contextlib.nullcontext for phase in phases})
-        sync()
-        dist.barrier()
-        times = []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - t0)
-
-        step_s = statistics.median(times)
-        tokens = B * (S + S)  # source + target tokens per step
-        result = {
-            "tp": tp,
-            "rank": rank,
-            "threads": torch.get_num_threads() if not cuda else None,
-            "step_ms_median": 1e3 * step_s,
-            "step_ms_min": 1e3 * min(times),
-            "tokens_per_s": tokens / step_s,
-            **memory_report(model, optimizer),
-            "collectives": {phase: dict(c.calls) for phase, c in counters.items()},
-            "message_bytes": {phase: dict(c.message_bytes) for phase, c in counters.items()},
-        }
-        result["collectives_per_step"] = sum(sum(c.values()) for c in result["collectives"].values())
-        result["message_bytes_per_step"] = sum(sum(b.values()) for b in result["message_bytes"].values())
-        result["wire_bytes_per_step"] = sum(
-            ring_wire_bytes(op, b, tp) for phase in result["message_bytes"].values() for op, b in phase.items()
-        )
-        peak = args.peak_tflops if args.peak_tflops is not None else (H100_BF16_DENSE_TFLOPS if cuda else None)
-        if peak:
-            flops = model_flops_per_step(model, B, S, S)
-            result["model_tflops_per_step"] = flops / 1e12
-            result["mfu"] = flops / step_s / (peak * 1e12 * tp)
+    def sync() -> None:
         if cuda:
-            result["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-        torch.save(result, Path(out_dir) / f"tp{tp}_rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+            torch.cuda.synchronize()
+
+    for _ in range(args.warmup):
+        step()
+    counters = {phase: CollectiveCounter() for phase in phases}
+    phases.update({phase: (lambda c=c: c) for phase, c in counters.items()})
+    step()  # one counted step, outside the timing
+    phases.update({phase: contextlib.nullcontext for phase in phases})
+    sync()
+    dist.barrier()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+
+    step_s = statistics.median(times)
+    tokens = B * (S + S)  # source + target tokens per step
+    result = {
+        "tp": tp,
+        "rank": rank,
+        "threads": torch.get_num_threads() if not cuda else None,
+        "step_ms_median": 1e3 * step_s,
+        "step_ms_min": 1e3 * min(times),
+        "tokens_per_s": tokens / step_s,
+        **memory_report(model, optimizer),
+        "collectives": {phase: dict(c.calls) for phase, c in counters.items()},
+        "message_bytes": {phase: dict(c.message_bytes) for phase, c in counters.items()},
+    }
+    result["collectives_per_step"] = sum(sum(c.values()) for c in result["collectives"].values())
+    result["message_bytes_per_step"] = sum(sum(b.values()) for b in result["message_bytes"].values())
+    result["wire_bytes_per_step"] = sum(
+        ring_wire_bytes(op, b, tp) for phase in result["message_bytes"].values() for op, b in phase.items()
+    )
+    peak = args.peak_tflops if args.peak_tflops is not None else (H100_BF16_DENSE_TFLOPS if cuda else None)
+    if peak:
+        flops = model_flops_per_step(model, B, S, S)
+        result["model_tflops_per_step"] = flops / 1e12
+        result["mfu"] = flops / step_s / (peak * 1e12 * tp)
+    if cuda:
+        result["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    return result
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_world(tp: int, args: argparse.Namespace, out_dir: str) -> list[dict]:
-    mp.start_processes(worker, args=(tp, args, out_dir, free_port()), nprocs=tp, start_method="spawn")
-    return [torch.load(Path(out_dir) / f"tp{tp}_rank{r}.pt", weights_only=False) for r in range(tp)]
+def run_world(tp: int, args: argparse.Namespace) -> list[dict]:
+    threads = None if args.device == "cuda" else (args.threads or max(1, (os.cpu_count() or 1) // tp))
+    return run_local(worker, (1, tp), args, backend="nccl" if args.device == "cuda" else "gloo", threads=threads)
 
 
 ROWS = [  # (label, key, format)
@@ -295,21 +278,19 @@ def main(argv: list[str] | None = None) -> dict:
     if not sizes:
         parser.error(f"no tensor-parallel size in {args.tp} fits on {available} {args.device} device(s)")
     for tp in sizes:
-        model_cfg = MODELS[args.model]
-        parallel.validate_parallel_config(model_cfg["num_heads"], model_cfg["ffn_dim"], 1, tp, tp, 1)
+        ParallelConfig(tensor_parallel_size=tp, data_parallel_size=1).validate(MODELS[args.model], tp, 1)
 
     # Sizes alternate round by round, so a burst of load from elsewhere hits both; other
     # programs can only slow a step down, so each size keeps its fastest round.
     results: dict[int, dict] = {}
     medians: dict[int, list[float]] = defaultdict(list)
-    with tempfile.TemporaryDirectory() as out_dir:
-        for _ in range(args.rounds):
-            for tp in sizes:
-                ranks = run_world(tp, args, out_dir)
-                medians[tp].append(ranks[0]["step_ms_median"])
-                if tp not in results or ranks[0]["step_ms_median"] < results[tp]["step_ms_median"]:
-                    results[tp] = ranks[0]
-                    results[tp]["per_rank_param_bytes"] = [r["param_bytes"] for r in ranks]
+    for _ in range(args.rounds):
+        for tp in sizes:
+            ranks = run_world(tp, args)
+            medians[tp].append(ranks[0]["step_ms_median"])
+            if tp not in results or ranks[0]["step_ms_median"] < results[tp]["step_ms_median"]:
+                results[tp] = ranks[0]
+                results[tp]["per_rank_param_bytes"] = [r["param_bytes"] for r in ranks]
     for tp in sizes:
         results[tp]["step_ms_median_by_round"] = medians[tp]
 

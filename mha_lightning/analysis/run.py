@@ -3,7 +3,7 @@
 Everything that needs the model happens here and ends in two files of the output folder:
 ``results.json`` (statistics, pruning curves, ablations) and ``maps.pt`` (attention maps of a few
 examples). ``report.py`` turns them into pictures and ``report.md``. With ``trainer.devices=N`` the
-model is sharded N ways over heads, exactly as training shards it (``parallel.parallelize``);
+model is sharded N ways over heads, exactly as training shards it (``distributed.parallelize``);
 every rank reads all the examples, the heads' numbers are gathered over the ranks, and rank 0
 writes the files (docs/design.md, "Analysing heads").
 """
@@ -11,8 +11,6 @@ writes the files (docs/design.md, "Analysing heads").
 from __future__ import annotations
 
 import json
-import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -90,7 +88,7 @@ def prune(stats: HeadStatistics, scorer: TaskScorer, masked: list[Head], cfg: di
 
 def analyze_model(module, data, pairs: list, cfg: dict[str, Any], *, tp_rank: int = 0, tp_size: int = 1, gather=None):
     """-> (results dict, maps) for a (possibly sharded) module; every rank returns the same numbers."""
-    from mha_lightning import parallel
+    from mha_lightning.distributed import head_layout
 
     model = module.model
     masked = model.config.masked_heads()
@@ -115,7 +113,7 @@ def analyze_model(module, data, pairs: list, cfg: dict[str, Any], *, tp_rank: in
     }
     if cfg["prune"]["enabled"]:
         n = cfg["prune"]["examples"] or len(pairs)
-        heads = parallel.head_layout(model.config.num_heads, tp_rank, tp_size)
+        heads = head_layout(model.config.num_heads, tp_rank, tp_size)
         scorer = TaskScorer(module, data, pairs[:n], int(cfg["batch_size"]), heads, fixed=masked, progress=tp_rank == 0)
         results["pruning"] = prune(stats, scorer, masked, cfg["prune"])
     example_maps = {"pairs": pairs[: int(cfg["maps"]["examples"])], "maps": maps}
@@ -141,45 +139,33 @@ def analyze(cfg: dict[str, Any], out: Path) -> tuple[dict[str, Any], Any]:
     heads = module.model.config.num_heads
     if devices < 1 or heads % devices:
         raise ConfigError(f"trainer.devices ({devices}) must divide the model's num_heads ({heads})")
-    import torch.multiprocessing as mp
+    from mha_lightning.distributed.launch import run_local, share_cpu_cores
 
-    from mha_lightning import parallel
-
-    parallel.share_cpu_cores(devices)  # the spawned ranks inherit OMP_NUM_THREADS
-    mp.spawn(_sharded_worker, args=(devices, _free_port(), cfg, str(out)), nprocs=devices, join=True)
+    share_cpu_cores(devices)  # the spawned ranks inherit OMP_NUM_THREADS
+    run_local(_sharded_worker, (1, devices), cfg, str(out))
     return json.loads((out / RESULTS_FILE).read_text()), data
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _sharded_worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: str) -> None:
+def _sharded_worker(mesh, cfg: dict[str, Any], out: str) -> None:
     """One tensor-parallel rank: the model sharded over heads, every example, rank 0 writes."""
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
 
-    from mha_lightning import parallel
+    from mha_lightning.distributed import TP
+    from mha_lightning.distributed.parallelize import parallelize
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(int(cfg["seed"]))
-        module, data, pairs = load(cfg["ckpt"], cfg["split"], int(cfg["examples"]))
-        mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("data_parallel", "tensor_parallel"))
-        parallel.parallelize(module.model, mesh)
-        group = mesh["tensor_parallel"].get_group()
+    torch.manual_seed(int(cfg["seed"]))
+    module, data, pairs = load(cfg["ckpt"], cfg["split"], int(cfg["examples"]))
+    if mesh.device_type == "cuda":  # NCCL: one GPU per rank (launch.run_local set it)
+        module.to(torch.device("cuda", torch.cuda.current_device()))
+    parallelize(module.model, mesh)
+    group, world, rank = mesh[TP].get_group(), mesh[TP].size(), mesh[TP].get_local_rank()
 
-        def gather(local: Tensor) -> Tensor:  # (B, H_local, ...) -> (B, H, ...) in global head order
-            parts = [torch.empty_like(local) for _ in range(world)]
-            dist.all_gather(parts, local.contiguous(), group=group)
-            return torch.cat(parts, dim=1)
+    def gather(local: Tensor) -> Tensor:  # (B, H_local, ...) -> (B, H, ...) in global head order
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local.contiguous(), group=group)
+        return torch.cat(parts, dim=1)
 
-        results, maps = analyze_model(module, data, pairs, cfg, tp_rank=rank, tp_size=world, gather=gather)
-        if rank == 0:
-            write(Path(out), results, maps)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    results, maps = analyze_model(module, data, pairs, cfg, tp_rank=rank, tp_size=world, gather=gather)
+    if rank == 0:
+        write(Path(out), results, maps)
+    dist.barrier()

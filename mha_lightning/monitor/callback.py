@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import WandbLogger
 from typing_extensions import override
 
 from mha_lightning.config import MonitorConfig
+from mha_lightning.distributed import ranks_of
 from mha_lightning.kinds import collapse_key, entropy_key, heatmap_key
 from mha_lightning.model import ATTENTION_KINDS, ProbingCore
 from mha_lightning.monitor.entropy import HeadEntropyAccumulator, finalize, global_head_state
@@ -67,10 +68,8 @@ class EntropyMonitor(L.Callback):
 
     def _layout(self, pl_module) -> tuple[int, int]:
         """(local heads per attention module, tensor-parallel rank) of this process."""
-        mesh = pl_module.device_mesh
-        tp_rank = mesh["tensor_parallel"].get_local_rank() if mesh is not None else 0
-        tp_size = mesh["tensor_parallel"].size() if mesh is not None else 1
-        return pl_module.model.config.num_heads // tp_size, tp_rank
+        ranks = ranks_of(pl_module.device_mesh)
+        return pl_module.model.config.num_heads // ranks.tp_size, ranks.tp_rank
 
     def _attach(self, pl_module) -> None:
         """Swap every attention's core for a probing one that feeds a fresh accumulator."""

@@ -65,7 +65,7 @@ def test_cli_cfg_job_prints_the_composed_config(cli_runs):
         ("d_model", "model.d_model"),
         ("num_heads", "model.num_heads"),
         ("task", "data.task"),
-        ("option", "model=huge is not an option of 'model'; choose one of: base, small, tiny"),
+        ("option", "model=huge is not an option of 'model'; choose one of: base, large, small, tiny"),
         ("interpolation", "Interpolation key 'oops' not found"),
     ],
 )

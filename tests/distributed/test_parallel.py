@@ -1,7 +1,7 @@
 """Head sharding against an unsharded reference, in real gloo worlds (tests/helpers/distributed.py).
 
 Each spawned world builds the tiny model twice from one seed: a reference copy that stays
-single-device, and a copy that `parallel.parallelize` shards over the (dp, tp) mesh. Workers
+single-device, and a copy that `distributed.parallelize` shards over the (dp, tp) mesh. Workers
 run both on the same data and send the numbers back; the asserts run here. Process start-up
 dominates the cost, so one tp=2 world serves tests 1-3 and 5 (module-scoped fixture) and one
 dp=2 x tp=2 world serves the slow tests. Every loss is the production one, as Seq2SeqModule
@@ -23,8 +23,9 @@ from torch.distributed.tensor import DTensor
 
 from helpers.distributed import mesh_ranks, run_distributed
 from helpers.models import TINY
-from mha_lightning import parallel
 from mha_lightning.data.vocab import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID
+from mha_lightning.distributed import ParallelConfig, collectives
+from mha_lightning.distributed.parallelize import parallelize
 from mha_lightning.errors import ConfigError
 from mha_lightning.model import Seq2SeqTransformer
 from mha_lightning.module import per_global_token
@@ -76,7 +77,7 @@ def twin_models(mesh: DeviceMesh, state: dict | None = None) -> tuple[nn.Module,
     reference = Seq2SeqTransformer(**TINY)
     if state is not None:
         reference.load_state_dict(state)
-    model = parallel.parallelize(copy.deepcopy(reference), mesh)
+    model = parallelize(copy.deepcopy(reference), mesh)
     return model, reference
 
 
@@ -120,7 +121,7 @@ def try_torch_clip(model: nn.Module) -> tuple[str, str]:
 
 def decode_both(model: nn.Module, src: Tensor, in_lockstep: bool) -> dict[str, Tensor]:
     """Greedy and beam decoding, each with the KV cache (the default) and as full recompute ("..._uncached")."""
-    sync = (lambda done: parallel.all_done(done, src.device)) if in_lockstep else None
+    sync = (lambda done: collectives.all_done(done, src.device)) if in_lockstep else None
     out = {}
     for use_cache, suffix in ((True, ""), (False, "_uncached")):
         out["greedy" + suffix] = model.greedy_decode(
@@ -159,7 +160,7 @@ def tp_worker(mesh: DeviceMesh, steps: int, trained: dict) -> dict:
     for m in (model, reference):
         loss_of(m, batch)[0].backward()
     out["torch_clip"] = try_torch_clip(model)
-    out["clip_norm"] = parallel.clip_grad_norm(model.parameters(), CLIP)
+    out["clip_norm"] = collectives.clip_grad_norm(model.parameters(), CLIP)
     out["ref_clip_norm"] = torch.nn.utils.clip_grad_norm_(reference.parameters(), CLIP)
     out["clipped_grads"], out["ref_clipped_grads"] = full_grads(model), full_grads(reference)
 
@@ -199,7 +200,7 @@ def dp_tp_step(model, reference, optimizers, batch: dict[str, Tensor], rows: sli
     if "grads" not in out:
         out["torch_clip"] = try_torch_clip(model)
         out["grads"], out["ref_grads"] = full_grads(model), full_grads(reference)
-    out["norms"].append(parallel.clip_grad_norm(model.parameters(), CLIP).item())
+    out["norms"].append(collectives.clip_grad_norm(model.parameters(), CLIP).item())
     out["ref_norms"].append(torch.nn.utils.clip_grad_norm_(reference.parameters(), CLIP).item())
     for opt in optimizers:
         opt.step()
@@ -217,7 +218,7 @@ def dp_tp_worker(mesh: DeviceMesh, steps: int, global_batch: int, trained: dict)
     # As Seq2SeqModule builds them from conf/module/default.yaml (fused: true): the single-device
     # reference takes the fused kernel, the sharded twin (DTensor parameters) torch's per-op loop.
     fused_adamw = functools.partial(torch.optim.AdamW, lr=3e-3, fused=True)
-    optimizers = [parallel.optimizer_for(fused_adamw, list(m.parameters())) for m in (model, reference)]
+    optimizers = [collectives.optimizer_for(fused_adamw, list(m.parameters())) for m in (model, reference)]
     out["fused"] = [bool(opt.defaults["fused"]) for opt in optimizers]
     for step in range(steps):
         dp_tp_step(model, reference, optimizers, make_batch(global_batch, seed=200 + step), rows, dp_mesh, out)
@@ -235,7 +236,7 @@ def dp_tp_worker(mesh: DeviceMesh, steps: int, global_batch: int, trained: dict)
     out["decoded"], out["ref_decoded"] = decode_both(model, src, True), decode_both(reference, src, False)
     # The loop bound must agree too (Seq2SeqModule.generate derives it from the local batch).
     out["local_len"] = int((src != PAD_ID).sum(1).max())
-    out["agreed_len"] = parallel.all_max(out["local_len"], src.device)
+    out["agreed_len"] = collectives.all_max(out["local_len"], src.device)
     # Training goes on after decoding (validation mid-run): FSDP's state must still be right.
     after = {"losses": [], "ref_losses": [], "norms": [], "ref_norms": [], "grads": None}
     dp_tp_step(model, reference, optimizers, make_batch(global_batch, seed=300), rows, dp_mesh, after)
@@ -277,7 +278,7 @@ def test_tp2_adamw_losses_match_unsharded(tp_world):
 
 # --------------------------------------------------------------------------- 2. clipping across meshes
 def test_torch_clip_grad_norm_fails_on_mixed_tp_parameters(tp_world):
-    # The pitfall parallel.clip_grad_norm exists for. dp=1 x tp=2: q/k/v/o/fc1/fc2 grads are
+    # The pitfall collectives.clip_grad_norm exists for. dp=1 x tp=2: q/k/v/o/fc1/fc2 grads are
     # DTensors, embeddings and norms plain tensors, and torch 2.13 stops in _foreach_norm:
     # "aten._foreach_norm.Scalar got mixed torch.Tensor and DTensor ...".
     status, message = tp_world[0]["torch_clip"]
@@ -402,6 +403,12 @@ def test_dp2_tp2_ranks_agree_on_the_decoding_length(dp_tp_world):
 
 
 # --------------------------------------------------------------------------- 6. config validation
+def validate(num_heads, ffn_dim, data_parallel_size, tensor_parallel_size, devices, num_nodes):
+    """ParallelConfig.validate on a model of ``num_heads`` heads and an FFN of ``ffn_dim`` units."""
+    config = ParallelConfig(tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size)
+    return config.validate({"num_heads": num_heads, "ffn_dim": ffn_dim}, devices, num_nodes)
+
+
 GOOD = dict(num_heads=8, ffn_dim=512, data_parallel_size=2, tensor_parallel_size=2, devices=4, num_nodes=1)
 
 
@@ -418,7 +425,7 @@ GOOD = dict(num_heads=8, ffn_dim=512, data_parallel_size=2, tensor_parallel_size
 )
 def test_validate_parallel_config_names_the_values(change, named):
     with pytest.raises(ConfigError) as info:
-        parallel.validate_parallel_config(**{**GOOD, **change})
+        validate(**{**GOOD, **change})
     message = str(info.value)
     assert "\n" not in message
     for fragment in named:
@@ -426,8 +433,8 @@ def test_validate_parallel_config_names_the_values(change, named):
 
 
 def test_validate_parallel_config_accepts_a_good_layout():
-    parallel.validate_parallel_config(**GOOD)
-    parallel.validate_parallel_config(**{**GOOD, "data_parallel_size": 1, "devices": 1, "num_nodes": 2})
+    assert validate(**GOOD) == (2, 2)
+    assert validate(**{**GOOD, "data_parallel_size": 1, "devices": 1, "num_nodes": 2}) == (1, 2)
 
 
 # --------------------------------------------------------------------------- dropout
@@ -436,7 +443,7 @@ def dropout_worker(mesh: DeviceMesh, steps: int) -> dict:
     runs = []
     for _ in range(2):
         torch.manual_seed(123)
-        model = parallel.parallelize(Seq2SeqTransformer(**{**TINY, "dropout": 0.3, "attention_dropout": 0.3}), mesh)
+        model = parallelize(Seq2SeqTransformer(**{**TINY, "dropout": 0.3, "attention_dropout": 0.3}), mesh)
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         losses = []

@@ -86,7 +86,7 @@ def test_groups_are_discovered():
         "hparams_search",
     }
     assert {p.name for p in CONF_DIR.iterdir() if p.is_dir() and not p.name.startswith("_")} == tested
-    assert {"tiny", "small", "base"} <= set(options("model"))
+    assert {"tiny", "small", "base", "large"} <= set(options("model"))
     assert {"copy", "reverse", "sort", "pairswap", "synthetic", "text"} <= set(options("data"))
     assert {"wandb", "csv", "none"} <= set(options("logger"))
 
@@ -102,6 +102,9 @@ def test_model_configs(make_cfg, name):
     assert module.model is model
     if name == "base":
         assert (model.config.d_model, model.config.num_encoder_layers, model.config.ffn_dim) == (512, 6, 2048)
+    if name == "large":  # Vaswani et al.'s big
+        assert (model.config.d_model, model.config.num_heads, model.config.ffn_dim) == (1024, 16, 4096)
+        assert (model.config.num_encoder_layers, model.config.num_decoder_layers) == (6, 6)
     forward_one_batch(dm, model)
 
 

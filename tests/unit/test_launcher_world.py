@@ -57,15 +57,15 @@ def test_without_a_launcher_nothing_is_checked(make_cfg, monkeypatch):
 
 
 def _threads_in_a_fresh_process(processes: int, **env: str) -> tuple[str, str, int]:
-    """``parallel.share_cpu_cores(processes)`` in a new interpreter (it sets process-wide state)
+    """``distributed.launch.share_cpu_cores(processes)`` in a new interpreter (it sets process-wide state)
     -> (what it returned, OMP_NUM_THREADS after it, torch's threads after it)."""
     import os
     import subprocess
     import sys
 
     code = (
-        "import os, torch; from mha_lightning import parallel; "
-        f"r = parallel.share_cpu_cores({processes}); "
+        "import os, torch; from mha_lightning.distributed.launch import share_cpu_cores; "
+        f"r = share_cpu_cores({processes}); "
         "print(r, os.environ.get('OMP_NUM_THREADS'), torch.get_num_threads())"
     )
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK")}

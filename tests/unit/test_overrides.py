@@ -8,7 +8,7 @@ from mha_lightning.overrides import check_command_line, group_options
 
 
 def test_group_options_list_the_packaged_configs():
-    assert group_options("model") == ["base", "small", "tiny"]
+    assert group_options("model") == ["base", "large", "small", "tiny"]
     assert "csv" in group_options("logger") and "wandb" in group_options("logger")
     assert group_options("modle") is None and group_options("hydra/launcher") is None
 
@@ -16,8 +16,8 @@ def test_group_options_list_the_packaged_configs():
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["model=huge"], "model=huge is not an option of 'model'; choose one of: base, small, tiny"),
-        (["+model=huge"], "model=huge is not an option of 'model'; choose one of: base, small, tiny"),
+        (["model=huge"], "model=huge is not an option of 'model'; choose one of: base, large, small, tiny"),
+        (["+model=huge"], "model=huge is not an option of 'model'; choose one of: base, large, small, tiny"),
         (["logger=[csv,nope]"], "logger=nope is not an option of 'logger'; choose one of: csv, none, wandb"),
         (["-m", "model=tiny,huge"], "model=huge is not an option of 'model'"),
         (["model=tiny,small"], "model=tiny,small is a sweep; run it with -m (--multirun)"),
