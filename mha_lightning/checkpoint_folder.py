@@ -99,6 +99,16 @@ def publish(staging: Path, target: Path, global_step: int) -> None:
             remove(leftover)
 
 
+def publish_file(written: Path, target: Path) -> None:
+    """Rename the complete file ``written`` onto ``target``, a sharded folder of the same name: the folder
+    moves aside first (one rename cannot replace a folder with a file) and goes once the file is in place."""
+    aside = sibling_path(target, "old")
+    os.rename(target, aside)
+    os.rename(written, target)
+    fsync_path(target.parent, directory=True)
+    remove(aside)
+
+
 def hidden_candidates(target: Path) -> list[Path]:
     """Staging and set-aside folders of ``target`` left by a save that was killed."""
     return sorted(p for p in target.parent.glob(f".{target.name}.*-*") if p.is_dir())

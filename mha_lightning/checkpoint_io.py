@@ -20,7 +20,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
 from typing_extensions import override
 
-from mha_lightning.checkpoint_folder import fsync_path, publish, remove, sibling_path
+from mha_lightning.checkpoint_folder import fsync_path, publish, publish_file, remove, sibling_path
 from mha_lightning.errors import CheckpointError
 
 
@@ -39,8 +39,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     :class:`~mha_lightning.errors.CheckpointError` line naming the path; any other exception
     (e.g. an object that cannot be pickled) propagates unchanged. Loading and removing are
     Lightning's. Paths on remote filesystems (``s3://`` ...) are left to Lightning's own save,
-    as there is no local rename to make atomic (docs/design.md, "Checkpoints").
+    as there is no local rename to make atomic (docs/design.md, "Checkpoints"). Loading a sharded
+    folder (written at any (dp, tp)) gives the single-file checkpoint of this one device (resharding).
     """
+
+    @override
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """A sharded folder as one device's checkpoint (``checkpoints.load_sharded_checkpoint``); a file as
+        Lightning reads it."""
+        if Path(str(path)).is_dir():
+            from mha_lightning.checkpoints import load_sharded_checkpoint
+
+            return load_sharded_checkpoint(path)
+        if map_location is None:
+            return super().load_checkpoint(path, weights_only=weights_only)
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         """Write ``checkpoint`` to ``path`` atomically; the previous file at ``path`` stays intact on failure."""
@@ -67,7 +80,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, target)
+            if target.is_dir() and not target.is_symlink():
+                # A sharded run's folder of this name (a run resumed on one device): moved in like a folder.
+                publish_file(tmp, target)
+            else:
+                os.replace(tmp, target)
         except BaseException as e:
             _remove_quietly(tmp)
             cause = None if isinstance(e, (KeyboardInterrupt, SystemExit)) else _os_error(e)  # Ctrl-C stays Ctrl-C
@@ -128,7 +145,19 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
     write succeeded, and rank 0 seals and renames it onto the target
     (:func:`~mha_lightning.checkpoint_folder.publish`). A failure anywhere leaves the previous
     checkpoint as it was and is one :class:`~mha_lightning.errors.CheckpointError` line on every
-    rank (docs/design.md, "Checkpoints")."""
+    rank (docs/design.md, "Checkpoints"). A sharded folder of any (dp, tp) layout loads at this run's
+    (DCP reshards it), its optimizer settings unpickled as plain data only."""
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Resume ``checkpoint_path`` (a collective): a sharded folder through ``checkpoints.load_into_sharded``,
+        a single file (a tp=1 run's) as Lightning distributes it."""
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not path.is_dir():
+            return super().load_checkpoint(path, weights_only=weights_only)
+        from mha_lightning.checkpoints import load_into_sharded
+
+        return load_into_sharded(path, self.model, self.optimizers)
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:

@@ -191,6 +191,109 @@ def load_model(path: str | Path, key: str = "checkpoint") -> tuple[nn.Module, Ch
     return model, info
 
 
+# --------------------------------------------------------------------------- sharded folders, whole
+# DCP keeps a checkpoint's nested dicts flattened ("optimizer_0.state.<param>.exp_avg"); its tensors are
+# read into templates of the right shape, its few other values (optimizer settings) are pickles, unpickled
+# here with weights_only=True where DCP's own planner would run whatever they say.
+
+
+def _safe_load_planner():
+    """DCP's default load planner over a flat state dict, its non-tensor values plain data only
+    (defined here: importing torch.distributed.checkpoint costs seconds, which only loading needs)."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            self.state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
+
+    return SafeLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+
+def _read_dcp(path: Path, flat: dict[str, Any], no_dist: bool) -> None:
+    """Fill ``flat`` (DCP's flattened keys -> tensors to load into, or placeholders) from folder ``path``."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(flat, checkpoint_id=path, planner=_safe_load_planner(), no_dist=no_dist)
+    except (dcp.CheckpointException, Exception) as e:  # CheckpointException derives from BaseException
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise CheckpointError(f"cannot read {path} ({reason}); use the same model config") from None
+
+
+def load_sharded_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A sharded (DCP) folder of any (dp, tp) layout as the single-file checkpoint one device would
+    have written: the whole model, the optimizer's state by parameter index, and everything else
+    (``meta.pt``: loops, schedules, random streams). Lets a tp=1 run resume a sharded checkpoint."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path = Path(path)
+    verify(path)
+    metadata = FileSystemReader(str(path)).read_metadata()
+    flat: dict[str, Any] = {}
+    for key, item in metadata.state_dict_metadata.items():
+        size = getattr(item, "size", None)  # TensorStorageMetadata; bytes items have none
+        flat[key] = torch.empty(size, dtype=item.properties.dtype) if size is not None else None
+    _read_dcp(path, flat, no_dist=True)
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = metadata.planner_data[key]  # the nested path DCP flattened this key from
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    checkpoint = _torch_load(path / META_FILE)
+    checkpoint["state_dict"] = nested.pop("state_dict")
+    optimizers = sorted((k for k in nested if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1]))
+    checkpoint["optimizer_states"] = [_by_index(nested[k]) for k in optimizers]
+    return checkpoint
+
+
+def _by_index(optimizer: dict[str, Any]) -> dict[str, Any]:
+    """DCP's optimizer state (parameters by name, param groups as dicts keyed by position) -> torch's own
+    (``Optimizer.load_state_dict``: parameters numbered in the groups' order)."""
+    groups = [optimizer["param_groups"][i] for i in sorted(optimizer["param_groups"], key=int)]
+    index: dict[str, int] = {}
+    for group in groups:
+        names = group["params"]
+        group["params"] = list(range(len(index), len(index) + len(names)))
+        index.update(zip(names, group["params"], strict=True))
+    return {"state": {index[name]: state for name, state in optimizer.get("state", {}).items()}, "param_groups": groups}
+
+
+def load_into_sharded(path: str | Path, model: nn.Module, optimizers: list) -> dict[str, Any]:
+    """Load a sharded folder of any (dp, tp) layout into ``model`` (a sharded LightningModule) and its
+    ``optimizers`` at this run's layout (DCP reshards) -> the rest of the checkpoint (``meta.pt``).
+    A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    path = Path(path)
+    weights = get_model_state_dict(model)
+    flat = {f"state_dict.{name}": tensor for name, tensor in weights.items()}
+    states = [get_optimizer_state_dict(model, optimizer) for optimizer in optimizers]
+    for i, state in enumerate(states):
+        for name, values in state["state"].items():
+            flat.update({f"optimizer_{i}.state.{name}.{key}": value for key, value in values.items()})
+        for g, group in enumerate(state["param_groups"]):
+            flat.update({f"optimizer_{i}.param_groups.{g}.{key}": value for key, value in group.items()})
+    _read_dcp(path, flat, no_dist=False)
+    set_model_state_dict(model, weights)
+    for i, (optimizer, state) in enumerate(zip(optimizers, states, strict=True)):
+        for name, values in state["state"].items():
+            for key in values:
+                values[key] = flat[f"optimizer_{i}.state.{name}.{key}"]
+        for g, group in enumerate(state["param_groups"]):
+            group.update({key: flat[f"optimizer_{i}.param_groups.{g}.{key}"] for key in group})
+        set_optimizer_state_dict(model, optimizer, state)
+    checkpoint = _torch_load(path / META_FILE)
+    checkpoint.pop("state_dict", None)
+    return checkpoint
+
+
 def consolidate(src: str | Path, dst: str | Path) -> Path:
     """Turn a sharded checkpoint folder into one file that loads anywhere (tp=1 included).
 

@@ -269,22 +269,26 @@ def _resume(c: Mapping[str, Any], model: Mapping[str, Any]):
     return info
 
 
-def _check_resume_layout(info, dp: int, tp: int) -> None:
-    """A sharded checkpoint folder resumes only at the (dp, tp) that wrote it."""
-    saved = info.run_config
-    if not info.sharded or not saved:
-        return
+def saved_layout(saved: Mapping[str, Any] | None) -> tuple[int, int] | None:
+    """The (dp, tp) of the run whose resolved config ``saved`` is (None if there is none)."""
+    if not saved:
+        return None
     trainer = saved.get("trainer") or {}
-    saved_dp, saved_tp = ParallelConfig.from_dict(saved.get("parallel")).sizes(
-        trainer.get("devices", 1), trainer.get("num_nodes", 1)
-    )
-    if (saved_dp, saved_tp) != (dp, tp):
-        from mha_lightning.errors import CheckpointError
+    return ParallelConfig.from_dict(saved.get("parallel")).sizes(trainer.get("devices", 1), trainer.get("num_nodes", 1))
 
-        raise CheckpointError(
-            f"ckpt_path={info.path} was written at (dp={saved_dp}, tp={saved_tp}) and resumes only there (this run: "
-            f"dp={dp}, tp={tp}); to change the layout: mha-consolidate {info.path} model.ckpt, "
-            "then init_from=model.ckpt"
+
+def _note_resharding(info, dp: int, tp: int) -> None:
+    """Say so when a checkpoint resumes at another layout than the one that wrote it (it reshards)."""
+    written = saved_layout(info.run_config)
+    if written is not None and written != (dp, tp):
+        import logging
+
+        logging.getLogger(__name__).info(
+            "resuming %s, written at (dp=%d, tp=%d), at (dp=%d, tp=%d): weights and optimizer state are resharded",
+            info.path,
+            *written,
+            dp,
+            tp,
         )
 
 
@@ -315,7 +319,7 @@ def preflight(cfg: Any) -> RunPlan:
     monitor = MonitorConfig.from_dict(c.get("monitor"))
     resume = _resume(c, model)
     if resume is not None:
-        _check_resume_layout(resume, dp, tp)
+        _note_resharding(resume, dp, tp)
     init = _checkpoint("init_from", c.get("init_from"), model)
     _check_optimisation(cfg.module)
     return RunPlan(dp, tp, parallel, decoding, monitor, resume, init)

@@ -10,15 +10,15 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
-from torchmetrics.text import CHRFScore, Perplexity, SacreBLEUScore
+from torchmetrics.text import CHRFScore, SacreBLEUScore
 from typing_extensions import override
 
 from mha_lightning import seeding
-from mha_lightning.config import CompileConfig, DecodingConfig
+from mha_lightning.config import CompileConfig, DecodingConfig, saved_layout
 from mha_lightning.data.vocab import BOS_ID, EOS_ID, PAD_ID
-from mha_lightning.distributed import DP, collectives, ranks_of
+from mha_lightning.distributed import DP, ParallelConfig, collectives, ranks_of
 from mha_lightning.errors import ConfigError, NonFiniteError
 from mha_lightning.losses import smoothed_cross_entropy_sum
 from mha_lightning.model import Seq2SeqTransformer
@@ -36,7 +36,9 @@ class Seq2SeqModule(L.LightningModule):
 
     ``optimizer`` and ``scheduler`` are partials (Hydra ``_partial_: true``) bound to the
     parameters after sharding; an evaluation-only module (``mha-eval``) has neither. ``compile``
-    (``module.compile``) runs the training forward through ``torch.compile`` (docs/design.md, "Compiling")."""
+    (``module.compile``) runs the training forward through ``torch.compile`` (docs/design.md, "Compiling").
+    ``parallel`` (the ``parallel`` group) says how ``configure_model`` shards the model over the mesh;
+    a model built on the meta device is initialised there, each rank its own shards."""
 
     def __init__(
         self,
@@ -47,6 +49,7 @@ class Seq2SeqModule(L.LightningModule):
         decoding: DecodingConfig | dict | None = None,
         on_nonfinite: str = "stop",
         compile: CompileConfig | dict | None = None,
+        parallel: ParallelConfig | dict | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -58,12 +61,14 @@ class Seq2SeqModule(L.LightningModule):
             raise ConfigError(f"module.on_nonfinite={on_nonfinite!r} must be one of {list(NONFINITE_POLICIES)}")
         self.on_nonfinite = on_nonfinite
         self.compile_config = CompileConfig.from_dict(compile)
+        # The sharding techniques (``parallel``); on one device only activation checkpointing applies.
+        self.parallel = ParallelConfig.from_dict(parallel)
         # A compiled function, not a submodule: the state dict (checkpoints) keeps the model's own keys.
         self._compiled_model: Callable[..., Tensor] | None = None
         self.compiled_calls = 0  # training forwards that ran compiled (monitored steps run eager)
         self.skipped_steps = 0  # steps dropped for a non-finite loss or gradient (on_nonfinite=skip)
-        self._shard_rng: seeding.ShardedDropoutRNG | None = None
         self._resumed_rng: list | None = None
+        self._resumed_layout: tuple[int, int] | None = None  # the (dp, tp) whose streams _resumed_rng holds
         self._grad_norm: Tensor | None = None  # this step's total gradient norm, for clipping
         self.last_saved_step = -1  # the global step of the newest checkpoint this run wrote
         self.validated_step = -1  # the global step of the newest validation (sanity checks apart)
@@ -86,7 +91,7 @@ class Seq2SeqModule(L.LightningModule):
             self.metrics[split] = torch.nn.ModuleDict(
                 {
                     "acc": accuracy(),
-                    "ppl": Perplexity(ignore_index=PAD_ID),
+                    "ppl": PerplexityFromSums(),
                     "exact_match": MeanMetric(),
                     "bleu": SacreBLEUScore(),
                     "chrf": CHRFScore(n_word_order=0),  # chrF as sacreBLEU (and mha-eval) define it, not chrF++
@@ -96,15 +101,20 @@ class Seq2SeqModule(L.LightningModule):
     # ----------------------------------------------------------------- sharding
     @override
     def configure_model(self) -> None:
-        """Shard the model over the strategy's (dp, tp) mesh, then compile it if asked; each once."""
+        """Shard the model over the strategy's (dp, tp) mesh (on one device: activation checkpointing
+        only), then compile it if asked; each once."""
         mesh = self.device_mesh
-        if mesh is not None and not getattr(self, "_parallelized", False):
-            from mha_lightning.distributed.parallelize import describe_sharding, parallelize, shard_rng_for
+        if not getattr(self, "_parallelized", False):
+            from mha_lightning.distributed.parallelize import describe_sharding, parallelize
 
-            self._shard_rng = shard_rng_for(self.model, mesh, torch.initial_seed())
-            parallelize(self.model, mesh, self._shard_rng)
+            if mesh is not None:
+                parallelize(self.model, mesh, self.parallel)
+                print(describe_sharding(self.model, mesh), flush=True)
+            else:
+                from mha_lightning.distributed.activation_checkpointing import apply_activation_checkpointing
+
+                apply_activation_checkpointing(self.model, self.parallel.activation_checkpointing)
             self._parallelized = True
-            print(describe_sharding(self.model, mesh), flush=True)
         compile = self.compile_config
         if compile.enabled and self._compiled_model is None:
             # The whole model, called as a module (its hooks included); lazily compiled at the first
@@ -117,8 +127,7 @@ class Seq2SeqModule(L.LightningModule):
         if self._resumed_rng is None and self.dp_size > 1:
             # Every rank was seeded alike so that the model initialises identically everywhere; from
             # here, data-parallel replicas draw their own dropout masks (docs/design.md, "Randomness").
-            tp_rank, tp_size = self.tp_rank_and_size
-            torch.manual_seed(seeding.rank_seeds(torch.initial_seed(), self.dp_rank, tp_rank, tp_size).replica)
+            torch.manual_seed(seeding.replica_seed(torch.initial_seed(), self.dp_rank))
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -127,20 +136,26 @@ class Seq2SeqModule(L.LightningModule):
         Not earlier: starting the data iterator draws from torch's global RNG (DataLoader's base
         seed), which the uninterrupted run did at the start of the epoch, long before this step."""
         if self._resumed_rng is not None:
-            if len(self._resumed_rng) == self.trainer.world_size:
-                seeding.restore(self._resumed_rng[self.global_rank], self._shard_rng)
+            if self._resumed_layout == self.layout:
+                seeding.restore(self._resumed_rng[self.global_rank])
+            else:  # written at another layout: its streams belong to other ranks; fresh ones for this step
+                step, layout = self.global_step, self._resumed_layout
+                log.info("the checkpoint's random streams are of (dp, tp) = %s: reseeded at step %d", layout, step)
+                seed = seeding.step_seed(torch.initial_seed(), step)
+                torch.manual_seed(seeding.replica_seed(seed, self.dp_rank))
             self._resumed_rng = None
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Every rank's random streams go into the checkpoint (rank 0 alone writes its metadata)."""
-        states = seeding.capture(self._shard_rng)
+        states = seeding.capture()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(gathered, states)
         else:
             gathered = [states]
         checkpoint["rng_states"] = gathered
+        checkpoint["parallel_layout"] = list(self.layout)  # whose streams these are
         from lightning.pytorch.loggers import WandbLogger
 
         wandb_ids = [lg.version for lg in self.loggers if isinstance(lg, WandbLogger)]
@@ -158,6 +173,15 @@ class Seq2SeqModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the saved random streams until ``on_fit_start`` (after Lightning's own restore)."""
         self._resumed_rng = checkpoint.get("rng_states")
+        # Older checkpoints do not say: the config of the run that wrote them does.
+        run_config = (checkpoint.get("hyper_parameters") or {}).get("run_config")
+        saved = checkpoint.get("parallel_layout") or saved_layout(run_config)
+        self._resumed_layout = tuple(saved) if saved is not None else None
+
+    @property
+    def layout(self) -> tuple[int, int]:
+        """(data-parallel size, tensor-parallel size) of this run."""
+        return self.dp_size, self.tp_rank_and_size[1]
 
     @property
     def tp_rank_and_size(self) -> tuple[int, int]:
@@ -210,9 +234,6 @@ class Seq2SeqModule(L.LightningModule):
         so the compiled graph never sees a probing core and never recompiles (docs/design.md, "Compiling")."""
         return all(type(attn.core) is SDPACore for mods in self.model.attention_layers().values() for attn in mods)
 
-    def _loss(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        return token_loss(logits, target, self.label_smoothing, self._loss_dp_group())
-
     def _loss_dp_group(self):
         return self.dp_group if self.dp_size > 1 else None
 
@@ -258,11 +279,16 @@ class Seq2SeqModule(L.LightningModule):
         return None  # Lightning skips the backward pass and the update of a step that returns None
 
     def _eval_step(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
-        logits = self(batch["src"], batch["tgt_in"])
-        _, mean_loss = self._loss(logits, batch["tgt_out"])
+        # One pass through the vocabulary head for loss, perplexity and accuracy: under vocabulary
+        # parallelism no rank makes the (tokens x vocabulary) logits here either.
+        target = batch["tgt_out"]
+        loss_sum, nll_sum, predictions = self.model.teacher_forced_scores(
+            batch["src"], batch["tgt_in"], target, self.label_smoothing
+        )
+        _, mean_loss = per_global_token(loss_sum, target, self._loss_dp_group())
         m = self.metrics[f"{prefix}_"]
-        m["acc"](logits.argmax(-1), batch["tgt_out"])
-        m["ppl"](logits.float(), batch["tgt_out"])
+        m["acc"](predictions, target)
+        m["ppl"](nll_sum, (target != PAD_ID).sum())
         bsz = batch["src"].shape[0]
         self.log(f"{prefix}/loss", mean_loss, batch_size=bsz, sync_dist=True)
         self.log(f"{prefix}/acc", m["acc"], batch_size=bsz)
@@ -338,6 +364,7 @@ class Seq2SeqModule(L.LightningModule):
     @override
     def on_before_optimizer_step(self, optimizer) -> None:
         """A finite loss can still give non-finite gradients: stop or skip before they reach the weights."""
+        collectives.reduce_partial_grads(self.parameters())  # sequence parallelism's norm weights
         norm = collectives.total_grad_norm(self.parameters())  # global over every mesh: all ranks agree
         self._grad_norm = norm
         if not bool(torch.isfinite(norm)):
@@ -355,6 +382,25 @@ class Seq2SeqModule(L.LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class PerplexityFromSums(Metric):
+    """exp(summed negative log-likelihood / tokens), from each batch's sums: torchmetrics' Perplexity
+    without needing the (tokens x vocabulary) logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("nll", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("tokens", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    @override
+    def update(self, nll_sum: Tensor, tokens: Tensor) -> None:
+        self.nll += nll_sum.detach().to(torch.float64)
+        self.tokens += tokens.to(torch.float64)
+
+    @override
+    def compute(self) -> Tensor:
+        return torch.exp(self.nll / self.tokens).float()
 
 
 def token_loss(logits: Tensor, target: Tensor, label_smoothing: float = 0.0, dp_group=None) -> tuple[Tensor, Tensor]:

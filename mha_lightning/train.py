@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -10,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,22 @@ def save_run_record(cfg: DictConfig) -> None:
     OmegaConf.save(cfg, record / "config.yaml")
     OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), record / "hydra.yaml")
     OmegaConf.save(hydra_cfg.overrides.task, record / "overrides.yaml")
+
+
+def build_model(cfg: DictConfig, plan: RunPlan) -> Any:
+    """The run's model. Sharded runs build it on the meta device (no memory): each rank initialises only
+    its own shards once it is sharded (``distributed.parallelize``), from the same seed, to the weights a
+    single-device build gets. ``init_from`` weights are loaded into a whole model before sharding."""
+    import torch
+
+    if plan.init is not None:
+        from mha_lightning.checkpoints import load_model_weights
+
+        model = instantiate(cfg.model)
+        load_model_weights(model, plan.init)
+        return model
+    with torch.device("meta") if plan.world_size > 1 else contextlib.nullcontext():
+        return instantiate(cfg.model)
 
 
 def build_strategy(plan: RunPlan) -> Any:
@@ -256,12 +274,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # Read the data (train the tokenizer) before any worker exists: a bad file then stops this one
         # process with one line, not rank 0 alone while the others fail in a barrier with a traceback.
         datamodule.prepare_data()
-    model = instantiate(cfg.model)
-    if plan.init is not None:
-        from mha_lightning.checkpoints import load_model_weights
-
-        load_model_weights(model, plan.init)
-    module = instantiate(cfg.module, model=model, _convert_="partial")
+    model = build_model(cfg, plan)
+    module = instantiate(cfg.module, model=model, parallel=asdict(plan.parallel), _convert_="partial")
     # Saved with every checkpoint and logged as the W&B config (not passed to instantiate, which would
     # build its _target_s). save_hyperparameters, not hparams[...] =: loggers log the initial hparams.
     module.save_hyperparameters({"run_config": OmegaConf.to_container(cfg, resolve=True)})

@@ -16,9 +16,8 @@ Reported per size:
   message size (the whole buffer, nccl-tests' convention: the summed
   tensor of an all-reduce, the gathered tensor of an all-gather), and the bytes each rank
   puts on the wire in a ring (2(n-1)/n x message for all-reduce, (n-1)/n for the others);
-- on CUDA: model FLOPs utilisation, 6 x params x tokens / time / (peak x GPUs), with each
-  stack's parameters counted against its own tokens (encoder x source, decoder and output
-  projection x target); attention-score FLOPs are left out, as in the usual 6ND rule.
+- on CUDA: model FLOPs utilisation, the package's FLOP formula (``mha_lightning.model.flops``, matmuls
+  including attention's) / time / (peak x GPUs).
 
 CPU runs use fp32 (bf16 matmuls on CPU are ~100x slower) and, by default, split the cores
 evenly between the ranks, so tp=1 and tp=2 use the same hardware.
@@ -47,6 +46,7 @@ from mha_lightning.distributed import ParallelConfig
 from mha_lightning.distributed.launch import run_local
 from mha_lightning.distributed.parallelize import parallelize
 from mha_lightning.model import Seq2SeqTransformer
+from mha_lightning.model.flops import train_flops
 
 # Mirrors conf/model/{tiny,small}.yaml.
 MODELS = {
@@ -111,14 +111,6 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[st
         "param_bytes": local_bytes(params),
         "adamw_state_bytes": state(params),
     }
-
-
-def model_flops_per_step(model: nn.Module, batch: int, src_len: int, tgt_len: int) -> float:
-    """6 x params x tokens, each stack against its own tokens (global numbers, whole model)."""
-    count = lambda mods: sum(p.numel() for m in mods for p in m.parameters())  # noqa: E731 (DTensor numel is global)
-    encoder = count([*model.encoder_layers, model.encoder_norm])
-    decoder = count([*model.decoder_layers, model.decoder_norm, model.output])
-    return 6.0 * (encoder * batch * src_len + decoder * batch * tgt_len)
 
 
 def worker(mesh, args: argparse.Namespace) -> dict:
@@ -190,7 +182,7 @@ def worker(mesh, args: argparse.Namespace) -> dict:
     )
     peak = args.peak_tflops if args.peak_tflops is not None else (H100_BF16_DENSE_TFLOPS if cuda else None)
     if peak:
-        flops = model_flops_per_step(model, B, S, S)
+        flops = train_flops(model.config, B, S, S)
         result["model_tflops_per_step"] = flops / 1e12
         result["mfu"] = flops / step_s / (peak * 1e12 * tp)
     if cuda:

@@ -46,19 +46,8 @@ Trainer each round and drops its first ``--warmup`` steps. Reported per contende
 time over rounds (each round's median), tokens/s (source + target), the throughput ratio to the
 baseline, achieved GFLOP/s and MFU.
 
-FLOPs are counted analytically (``forward_flops``), matmuls only (2 x m x k x n each), for a batch
-of B sentences, S source and T target tokens, d_model D, inner width I = heads x head_dim, FFN F,
-vocabulary V, L_e encoder and L_d decoder layers:
-
-    encoder layer   q, k, v, o projections 8 B S D I;  scores Q K^T and weights x V  4 B S^2 I;
-                    FFN 4 B S D F
-    decoder layer   self-attention 8 B T D I + 4 B T^2 I (the causal half counted whole, as the
-                    kernels compute it); cross-attention q, o 4 B T D I, k, v over the memory
-                    4 B S D I, scores and weighted sum 4 B T S I; FFN 4 B T D F
-    output          2 B T D V
-    training step   3 x forward (the backward pass is two matmuls per forward one)
-
-Embedding lookups, norms, softmax, biases, the loss and the optimizer are not counted.
+FLOPs are counted analytically by the package's own formula (``mha_lightning.model.flops``, the one
+the training log's ``perf/mfu`` uses): matmuls only, training step = 3 x forward.
 
 MFU is the achieved rate over a matmul peak measured in the same run, so it says how close the step
 comes to what this machine's matmul reaches, not to a datasheet. The peak is the best of three fp32
@@ -108,6 +97,7 @@ from mha_lightning.config import CompileConfig, MonitorConfig
 from mha_lightning.data import SyntheticDataModule
 from mha_lightning.data.vocab import BOS_ID, NUM_SPECIAL, PAD_ID
 from mha_lightning.model import Seq2SeqTransformer
+from mha_lightning.model.flops import train_flops
 from mha_lightning.model.transformer import sinusoidal_positions
 from mha_lightning.module import Seq2SeqModule, per_global_token, token_loss
 from mha_lightning.monitor.callback import EntropyMonitor
@@ -134,29 +124,6 @@ Step = Callable[[dict[str, Tensor]], None]
 
 
 # ----------------------------------------------------------------------------- FLOPs
-
-
-def forward_flops(config: dict, batch: int, src_len: int, tgt_len: int) -> int:
-    """Matmul FLOPs of one teacher-forced forward pass (the formula in this script's docstring)."""
-    B, S, T = batch, src_len, tgt_len
-    D, F_, V = config["d_model"], config["ffn_dim"], config["vocab_size"]
-    inner = config["num_heads"] * (config.get("head_dim") or D // config["num_heads"])
-    encoder = 8 * B * S * D * inner + 4 * B * S * S * inner + 4 * B * S * D * F_
-    decoder = (
-        8 * B * T * D * inner
-        + 4 * B * T * T * inner  # self-attention
-        + 4 * B * T * D * inner
-        + 4 * B * S * D * inner
-        + 4 * B * T * S * inner  # cross-attention
-        + 4 * B * T * D * F_
-    )
-    output = 2 * B * T * D * V
-    return config["num_encoder_layers"] * encoder + config["num_decoder_layers"] * decoder + output
-
-
-def train_flops(config: dict, batch: int, src_len: int, tgt_len: int) -> int:
-    """Matmul FLOPs of one training step: forward + backward = 3 x forward."""
-    return 3 * forward_flops(config, batch, src_len, tgt_len)
 
 
 def matmul_peak_flops(device: torch.device, size: int, reps: int = 5) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterator, Sequence
 
@@ -10,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mha_lightning.data.vocab import BOS_ID, EOS_ID, PAD_ID
 
+log = logging.getLogger(__name__)
 Example = tuple[list[int], list[int]]  # (source ids, target ids), no BOS/EOS
 
 
@@ -117,13 +119,24 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
 
     def state_dict(self, consumed: int) -> dict:
-        """The epoch, and ``consumed``: batches of it already taken."""
-        return {"epoch": self.epoch, "consumed": consumed}
+        """The epoch, ``consumed``: global batches of it already taken, and their size (examples)."""
+        return {"epoch": self.epoch, "consumed": consumed, "global_batch": self.batch_size * self.num_replicas}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume at a :meth:`state_dict`: the next iteration skips the consumed batches."""
+        """Resume at a :meth:`state_dict`: the next iteration skips the consumed batches. Saved with another
+        global batch size (another data-parallel size): as many examples as were taken are skipped
+        (rounded down to whole batches), the same position in the epoch within one batch."""
         self.epoch = state["epoch"]
-        self._start = state["consumed"]
+        size, saved = self.batch_size * self.num_replicas, state.get("global_batch")
+        self._start = state["consumed"] if saved in (None, size) else state["consumed"] * saved // size
+        if saved not in (None, size):
+            log.info(
+                "resuming with global batches of %d examples (saved: %d): epoch %d continues after %d of them",
+                size,
+                saved,
+                self.epoch,
+                self._start,
+            )
 
 
 class ResumableDataLoader(DataLoader):

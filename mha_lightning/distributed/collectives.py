@@ -58,6 +58,18 @@ def optimizer_for(
     return factory(params=parameters)
 
 
+def reduce_partial_grads(parameters: Iterable[nn.Parameter]) -> None:
+    """Complete the gradients DTensor left as partial sums, once, before they are read.
+
+    A replicated weight applied to positions cut by sequence parallelism (a norm's) gets each rank's
+    share of its gradient (``Partial``); FSDP2 completes these itself (dp > 1), here the rest are, so
+    that the norm, clipping and the optimizer each see the whole gradient without reducing it again."""
+    for p in parameters:
+        grad = p.grad
+        if isinstance(grad, DTensor) and any(placement.is_partial() for placement in grad.placements):
+            p.grad = grad.redistribute(placements=p.placements)
+
+
 def _mesh_key(t: Tensor):
     return id(t.device_mesh) if isinstance(t, DTensor) else None
 

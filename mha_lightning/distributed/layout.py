@@ -21,6 +21,9 @@ from mha_lightning.schema import from_mapping, positive_int
 DP = "data_parallel"
 TP = "tensor_parallel"
 MESH_DIM_NAMES = (DP, TP)
+# Techniques switched by true, false or "auto" (on whenever tensor_parallel_size > 1).
+SWITCHES = ("sequence_parallel", "vocab_parallel")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 
 
 @dataclass(frozen=True)
@@ -29,12 +32,41 @@ class ParallelConfig:
 
     tensor_parallel_size: int = 1
     data_parallel_size: int | str = "auto"  # "auto": devices x num_nodes / tensor_parallel_size
+    # Between the tensor-parallel regions, the residual stream, norms and dropout cut by position.
+    sequence_parallel: bool | str = "auto"  # "auto": on whenever tensor_parallel_size > 1
+    # Token embeddings, the output projection and its loss by vocabulary rows ("auto": whenever tp > 1).
+    vocab_parallel: bool | str = "auto"
+    # Per layer: "full" keeps its input only, "selective" its matrix products' outputs (the rest recomputed).
+    activation_checkpointing: str = "none"
     timeout_minutes: float = 10.0  # a collective waiting longer (a hung rank) ends the job
 
     def __post_init__(self) -> None:
         minutes = self.timeout_minutes
         if not isinstance(minutes, (int, float)) or isinstance(minutes, bool) or minutes <= 0:
             raise ConfigError(f"parallel.timeout_minutes must be a positive number, got {minutes!r}")
+        for key in SWITCHES:
+            if getattr(self, key) not in ("auto", True, False):
+                raise ConfigError(f"parallel.{key}={getattr(self, key)!r} must be auto, true or false")
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ConfigError(
+                f"parallel.activation_checkpointing={self.activation_checkpointing!r} must be one of "
+                f"{', '.join(ACTIVATION_CHECKPOINTING)}"
+            )
+
+    def on(self, key: str) -> bool:
+        """Whether technique ``key`` (one of ``SWITCHES``) applies: "auto" means whenever tp > 1."""
+        value = getattr(self, key)
+        return self.tensor_parallel_size > 1 if value == "auto" else bool(value)
+
+    @property
+    def sequence_parallel_on(self) -> bool:
+        """Whether sequence parallelism applies."""
+        return self.on("sequence_parallel")
+
+    @property
+    def vocab_parallel_on(self) -> bool:
+        """Whether vocabulary parallelism applies."""
+        return self.on("vocab_parallel")
 
     @classmethod
     def from_dict(cls, values: ParallelConfig | Mapping[str, Any] | None) -> ParallelConfig:
@@ -57,7 +89,7 @@ class ParallelConfig:
 
         Runs in the launching process, before any worker exists; each problem is one line naming the values."""
         dp, tp = self.sizes(devices, num_nodes)
-        num_heads, ffn_dim = model.get("num_heads"), model.get("ffn_dim")
+        num_heads, ffn_dim, vocab = model.get("num_heads"), model.get("ffn_dim"), model.get("vocab_size")
         checks = (
             ("model.num_heads", num_heads),
             ("model.ffn_dim", ffn_dim),
@@ -82,6 +114,18 @@ class ParallelConfig:
             raise ConfigError(
                 f"parallel.data_parallel_size ({dp}) x parallel.tensor_parallel_size ({tp}) = {dp * tp} must equal "
                 f"trainer.devices ({devices}) x trainer.num_nodes ({num_nodes}) = {devices * num_nodes}"
+            )
+        for key in SWITCHES:
+            if getattr(self, key) is True and tp == 1:
+                raise ConfigError(
+                    f"parallel.{key}=true needs parallel.tensor_parallel_size > 1 (it is 1): it shards across the "
+                    f"tensor-parallel ranks; set parallel.{key}=auto (on whenever tp > 1) or raise the tp size"
+                )
+        per_rank = -(-vocab // tp) if isinstance(vocab, int) and vocab > 0 else None
+        if self.vocab_parallel_on and per_rank is not None and per_rank * (tp - 1) >= vocab:
+            raise ConfigError(
+                f"model.vocab_size ({vocab}) split into {tp} parts of {per_rank} rows (torch.chunk's split) leaves the "
+                f"last tensor-parallel rank none; set parallel.vocab_parallel=false or use a larger vocabulary"
             )
         return dp, tp
 

@@ -2,41 +2,35 @@
 
 Heads are the unit of sharding: q, k, v are split column-wise so each tensor-parallel rank holds
 whole heads (global head = tp_rank * local_heads + local index), o is split row-wise. The FFN is
-sharded like Megatron (fc1 column-, fc2 row-wise). docs/design.md, "What changes when tp=2".
+sharded like Megatron (fc1 column-, fc2 row-wise). The row-wise Linears hand back their partial
+sums: what becomes of them (an all-reduce, or a reduce-scatter by position under sequence
+parallelism) is decided where the region ends (``sequence.Regions``), as is how its input enters.
+docs/design.md, "What changes when tp=2".
 """
 
 from __future__ import annotations
 
-from torch.distributed.tensor import Replicate
-from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
+from torch.distributed.tensor import Partial
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 
-def attention_plan(prefix: str, cross: bool = False) -> dict:
-    """q, k, v column-wise (whole heads per rank), o row-wise, inputs entering replicated."""
-    # The attention's inputs enter as one replicated DTensor each, so the input gradients of
-    # q, k and v add up as partial sums and are all-reduced once per input, not once per Linear.
-    # Inputs are named (x positional; memory and mask keyword-only): a new argument cannot shift
-    # a layout, and the mask (no tensor to shard) passes through untouched.
-    kwarg_layouts = {"memory": Replicate()} if cross else {}
-    prepare = PrepareModuleInput(
-        input_layouts=(Replicate(),),
-        desired_input_layouts=(Replicate(),),
-        input_kwarg_layouts=kwarg_layouts,
-        desired_input_kwarg_layouts=kwarg_layouts,
-        use_local_output=False,
-    )
+def _rowwise() -> RowwiseParallel:
+    return RowwiseParallel(output_layouts=Partial(), use_local_output=False)
+
+
+def attention_plan(prefix: str) -> dict:
+    """q, k, v column-wise (whole heads per rank), o row-wise."""
     return {
-        prefix: prepare,
         f"{prefix}.q": ColwiseParallel(),
         f"{prefix}.k": ColwiseParallel(),
         f"{prefix}.v": ColwiseParallel(),
-        f"{prefix}.o": RowwiseParallel(),
+        f"{prefix}.o": _rowwise(),
     }
 
 
 def ffn_plan() -> dict:
-    """fc1 column-wise, fc2 row-wise: one all-reduce per feed-forward."""
-    return {"ffn.fc1": ColwiseParallel(), "ffn.fc2": RowwiseParallel()}
+    """fc1 column-wise, fc2 row-wise."""
+    return {"ffn.fc1": ColwiseParallel(), "ffn.fc2": _rowwise()}
 
 
 def encoder_layer_plan() -> dict:
@@ -46,4 +40,4 @@ def encoder_layer_plan() -> dict:
 
 def decoder_layer_plan() -> dict:
     """The TP plan of one decoder layer: self- and cross-attention, then the FFN."""
-    return {**attention_plan("self_attn"), **attention_plan("cross_attn", cross=True), **ffn_plan()}
+    return {**attention_plan("self_attn"), **attention_plan("cross_attn"), **ffn_plan()}

@@ -19,7 +19,8 @@ A head gate scales each head's output after the core (docs/design.md, "Head gate
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -81,11 +82,26 @@ def matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropo
     return F.dropout(probs, p=dropout_p) @ v
 
 
+_observers_paused = False
+
+
+@contextmanager
+def observers_paused() -> Iterator[None]:
+    """Probing cores compute as usual but tell their observers nothing: for a forward that runs again
+    what was already observed (activation checkpointing's recomputation during backward)."""
+    global _observers_paused
+    previous, _observers_paused = _observers_paused, True
+    try:
+        yield
+    finally:
+        _observers_paused = previous
+
+
 class ProbingCore(nn.Module):
     """The readable core: the same maths as SDPA with the probabilities materialised.
 
     Scores and softmax run in fp32 (exact entropy even under bf16 autocast) and the
-    probabilities, before dropout, go to ``observer``."""
+    probabilities, before dropout, go to ``observer`` (unless :func:`observers_paused`)."""
 
     def __init__(self, observer: AttentionObserver) -> None:
         super().__init__()
@@ -95,7 +111,8 @@ class ProbingCore(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout_p: float) -> Tensor:
         """q (B, H, Tq, hd), k and v (B, H, Tk, hd) -> (B, H, Tq, hd)."""
         probs = attention_probs(q, k, mask)
-        self.observer(probs.detach(), mask)
+        if not _observers_paused:
+            self.observer(probs.detach(), mask)
         probs = F.dropout(probs, p=dropout_p).to(v.dtype)
         return probs @ v  # (B, H, Tq, hd)
 

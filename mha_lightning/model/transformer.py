@@ -22,9 +22,9 @@ from typing_extensions import override
 
 from mha_lightning.errors import ConfigError
 from mha_lightning.kinds import Head
-from mha_lightning.losses import linear_cross_entropy_sum
 from mha_lightning.model.attention import AttentionMask, KVCache, MultiHeadAttention, SDPACore
 from mha_lightning.model.dropout import Dropout
+from mha_lightning.model.vocabulary import VocabularyHead
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
@@ -244,12 +244,17 @@ class Embedder(nn.Module):
         self.tokens = tokens
         self.scale = math.sqrt(cfg.d_model)
         self.max_len = cfg.max_len
+        self.d_model = cfg.d_model
         if cfg.positional == "learned":
             self.learned_positions = nn.Embedding(cfg.max_len, cfg.d_model)
-            nn.init.normal_(self.learned_positions.weight, std=cfg.d_model**-0.5)
         else:
-            self.register_buffer("sinusoid", sinusoidal_positions(cfg.max_len, cfg.d_model), persistent=False)
+            self.register_buffer("sinusoid", torch.empty(cfg.max_len, cfg.d_model), persistent=False)
         self.dropout = Dropout(cfg.dropout)
+
+    def reset_buffers(self) -> None:
+        """Fill the fixed sinusoidal table (not saved in checkpoints: it is computed, on its device)."""
+        if hasattr(self, "sinusoid"):
+            self.sinusoid = sinusoidal_positions(self.max_len, self.d_model).to(self.sinusoid.device)
 
     @override
     def forward(self, ids: Tensor, start: int = 0) -> Tensor:
@@ -263,14 +268,36 @@ class Embedder(nn.Module):
 
 
 def _token_embedding(cfg: TransformerConfig) -> nn.Embedding:
-    emb = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
-    # N(0, 1/d_model) before the sqrt(d_model) scale: with N(0, 1) the scaled embeddings
-    # drown the cross-attention signal in the decoder's residual stream
-    # (docs/design.md, "The model and the attention core").
-    nn.init.normal_(emb.weight, std=cfg.d_model**-0.5)
-    with torch.no_grad():
-        emb.weight[cfg.pad_id].zero_()
-    return emb
+    return nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+
+
+# Writes a parameter's initial value: the whole tensor, drawn on CPU, into the parameter (or, on a
+# sharded model, the part of it this rank holds; docs/design.md, "Initialisation").
+InitWriter = Callable[[nn.Parameter, Tensor], None]
+
+
+def _copy_into(param: nn.Parameter, value: Tensor) -> None:
+    param.copy_(value)
+
+
+def initial_value(module: nn.Module, name: str, shape: torch.Size, d_model: int) -> Tensor:
+    """The initial value of ``module``'s parameter ``name``, drawn on CPU from torch's generator.
+
+    PyTorch's own defaults for Linear (U(+-1/sqrt(fan_in)), weight and bias) and LayerNorm (1, 0);
+    embeddings N(0, 1/d_model) before the sqrt(d_model) scale, the padding row 0: with N(0, 1) the
+    scaled embeddings drown the cross-attention signal in the decoder's residual stream
+    (docs/design.md, "The model and the attention core")."""
+    if isinstance(module, nn.Linear):
+        bound = module.in_features**-0.5
+        return torch.empty(shape).uniform_(-bound, bound)
+    if isinstance(module, nn.LayerNorm):
+        return torch.ones(shape) if name == "weight" else torch.zeros(shape)
+    if isinstance(module, nn.Embedding):
+        value = torch.empty(shape).normal_(std=d_model**-0.5)
+        if module.padding_idx is not None:
+            value[module.padding_idx] = 0.0
+        return value
+    raise TypeError(f"no initialisation for {type(module).__name__}.{name}")
 
 
 class Seq2SeqTransformer(nn.Module):
@@ -279,19 +306,58 @@ class Seq2SeqTransformer(nn.Module):
     def __init__(self, **config) -> None:
         super().__init__()
         cfg = self.config = TransformerConfig(**config)
-        src_tokens = _token_embedding(cfg)
-        tgt_tokens = src_tokens if cfg.share_embeddings else _token_embedding(cfg)
-        self.src_embed = Embedder(cfg, src_tokens)
-        self.tgt_embed = Embedder(cfg, tgt_tokens)
-        self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_encoder_layers))
-        self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_decoder_layers))
-        # Pre-LN stacks need a final norm; post-LN outputs are already normalised.
-        self.encoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
-        self.decoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
-        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.share_embeddings:
-            self.output.weight = tgt_tokens.weight
-        self.set_head_mask(cfg.masked_heads())
+        device = torch.get_default_device()
+        # Built on the meta device (no memory, no random numbers), then initialised one parameter at
+        # a time in a fixed order (reset_parameters): a sharded build with the same seed, which stays
+        # on the meta device until each rank initialises its own shards, gets the same weights
+        # (docs/design.md, "Initialisation"). Built under `with torch.device("meta")` it stays there.
+        with torch.device("meta"):
+            src_tokens = _token_embedding(cfg)
+            tgt_tokens = src_tokens if cfg.share_embeddings else _token_embedding(cfg)
+            self.src_embed = Embedder(cfg, src_tokens)
+            self.tgt_embed = Embedder(cfg, tgt_tokens)
+            self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_encoder_layers))
+            self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_decoder_layers))
+            # Pre-LN stacks need a final norm; post-LN outputs are already normalised.
+            self.encoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
+            self.decoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
+            self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # Logits, loss and next-token choices from output.weight: vocabulary parallelism swaps it.
+        self.vocabulary = VocabularyHead()
+        self.tie_weights()
+        if device.type != "meta":
+            self.materialize(device)
+
+    def tie_weights(self) -> None:
+        """With ``share_embeddings`` the output projection is the target embedding matrix (itself the
+        source's): tie them again after anything that replaced the parameter (``to_empty``, sharding)."""
+        if self.config.share_embeddings:
+            self.output.weight = self.tgt_embed.tokens.weight
+
+    def materialize(self, device: torch.device | str, write: InitWriter | None = None) -> None:
+        """Give a meta-device model real memory on ``device`` and initialise it (``reset_parameters``)."""
+        self.to_empty(device=device)  # new parameter objects: ties are cut
+        self.tie_weights()
+        self.reset_parameters(write)
+
+    @torch.no_grad()
+    def reset_parameters(self, write: InitWriter | None = None) -> None:
+        """Initialise every parameter, one at a time in a fixed order (the modules' order, a tied weight
+        once), from torch's CPU generator, then the buffers (positions, head gates).
+
+        ``write(param, value)`` puts each whole initial value in place (default: copy it in); a
+        sharded model passes one that keeps the rank's own part, so it equals an unsharded model
+        initialised from the same seed while no rank holds more than one whole parameter."""
+        write = write or _copy_into
+        seen: set[int] = set()
+        for module in self.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    write(param, initial_value(module, name, param.shape, self.config.d_model))
+        for embed in (self.src_embed, self.tgt_embed):
+            embed.reset_buffers()
+        self.set_head_mask(self.config.masked_heads())
 
     def hparams(self) -> dict:
         """The resolved config as a plain dict (saved in checkpoints to rebuild the model)."""
@@ -368,7 +434,7 @@ class Seq2SeqTransformer(nn.Module):
         Without ``cache`` start is 0 (every position). With one, start is ``cache.length``: only
         the positions not yet cached run through the decoder (their keys and values are added
         to the cache) and attend to the cached ones."""
-        return self.output(self._decoder_states(tgt_in, memory, src_valid, cache))
+        return self.vocabulary.logits(self._decoder_states(tgt_in, memory, src_valid, cache), self.output.weight)
 
     def _decoder_states(
         self, tgt_in: Tensor, memory: Tensor, src_valid: Tensor, cache: DecoderCache | None = None
@@ -390,7 +456,7 @@ class Seq2SeqTransformer(nn.Module):
     @override
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher forcing: src (B, S), tgt_in (B, T) ids -> logits (B, T, V)."""
-        return self.output(self.decoder_states(src, tgt_in))
+        return self.vocabulary.logits(self.decoder_states(src, tgt_in), self.output.weight)
 
     def decoder_states(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher forcing up to the output projection: src (B, S), tgt_in (B, T) -> (B, T, D)."""
@@ -405,10 +471,22 @@ class Seq2SeqTransformer(nn.Module):
         output projection and the loss run together, a block of tokens at a time
         (``losses.linear_cross_entropy_sum``); the value and gradients are ``forward``'s."""
         states = self.decoder_states(src, tgt_in)
-        loss_sum, predictions = linear_cross_entropy_sum(
+        loss_sum, predictions = self.vocabulary.loss(
             states.flatten(0, 1), self.output.weight, tgt_out.flatten(), self.config.pad_id, label_smoothing
         )
         return loss_sum, predictions.view_as(tgt_out)
+
+    @torch.no_grad()
+    def teacher_forced_scores(
+        self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor, label_smoothing: float = 0.0
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Evaluation's teacher-forced numbers -> (label-smoothed cross-entropy summed over tgt_out's
+        non-PAD tokens, their negative log-likelihood summed (no smoothing: perplexity's), argmax (B, T))."""
+        states = self.decoder_states(src, tgt_in)
+        loss_sum, nll_sum, predictions = self.vocabulary.scores(
+            states.flatten(0, 1), self.output.weight, tgt_out.flatten(), self.config.pad_id, label_smoothing
+        )
+        return loss_sum, nll_sum, predictions.view_as(tgt_out)
 
     def generate(
         self,
@@ -460,8 +538,8 @@ class Seq2SeqTransformer(nn.Module):
         ys = torch.full((B, 1), bos_id, dtype=torch.long, device=src.device)
         finished = torch.zeros(B, dtype=torch.bool, device=src.device)
         for _ in range(min(max_len, self.config.max_len - 1)):
-            logits = self.never_emit(self.decode(ys, memory, src_valid, cache)[:, -1], bos_id)
-            next_token = logits.argmax(-1)
+            newest = self._decoder_states(ys, memory, src_valid, cache)[:, -1]  # (B, D)
+            next_token = self.vocabulary.best_tokens(newest, self.output.weight, (self.config.pad_id, bos_id))
             next_token = next_token.masked_fill(finished, self.config.pad_id)
             ys = torch.cat([ys, next_token.unsqueeze(1)], dim=1)
             finished |= next_token == eos_id
@@ -499,14 +577,11 @@ class Seq2SeqTransformer(nn.Module):
         lengths = torch.zeros(B * K, device=src.device)
         cache = self._decoding_cache(use_cache)
         for _ in range(min(max_len, self.config.max_len - 1)):
-            logits = self.never_emit(self.decode(ys, memory, src_valid, cache)[:, -1].float(), bos_id)
-            logp = F.log_softmax(logits, dim=-1)  # (B*K, V)
-            V = logp.shape[-1]
-            frozen = torch.full_like(logp, float("-inf"))
-            frozen[:, pad] = 0.0
-            logp = torch.where(finished.unsqueeze(1), frozen, logp)
-            candidates = (scores.view(B * K, 1) + logp).view(B, K * V)
-            scores, flat = candidates.topk(K, dim=-1)  # (B, K)
+            newest = self._decoder_states(ys, memory, src_valid, cache)[:, -1]  # (B*K, D)
+            scores, flat = self.vocabulary.top_candidates(  # (B, K) each; flat indexes K * V candidates
+                newest, self.output.weight, scores, finished, pad, (pad, bos_id)
+            )
+            V = self.config.vocab_size
             beam = flat // V + torch.arange(B, device=src.device).unsqueeze(1) * K  # (B, K) rows of ys
             token = (flat % V).view(-1)
             beam = beam.view(-1)

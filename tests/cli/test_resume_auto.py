@@ -9,10 +9,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import torch
-
 from helpers.runs import csv_train_rows, start_mha_train
 from helpers.wandb_offline import find_run_files, read_run_info
+from mha_lightning.checkpoints import newest_complete
 from mha_lightning.monitor.record import load_entropy_csv, record_path
 
 COMMON = [
@@ -50,7 +49,10 @@ def test_resume_auto_after_kill_9_continues_exactly_in_the_same_wandb_run(tmp_pa
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
-    resumed_at = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    # What resume=auto picks: the newest complete checkpoint (a kill between the step's top-k file and
+    # last.ckpt leaves last.ckpt a validation behind).
+    info, _ = newest_complete(run / "checkpoints")
+    resumed_at = info.global_step
     assert resumed_at >= 10 and resumed_at % 10 == 0
     before = load_entropy_csv(record_path(run))
     assert int(before.step[before.split == "train"].max()) >= resumed_at  # rows the resume must not repeat

@@ -71,14 +71,32 @@ def loss_of(model: nn.Module, batch: dict[str, Tensor], dp_group=None) -> tuple[
     return per_global_token(loss_sum, batch["tgt_out"], dp_group)
 
 
-def twin_models(mesh: DeviceMesh, state: dict | None = None) -> tuple[nn.Module, nn.Module]:
-    """(sharded model, unsharded reference), identical weights: from one seed, or ``state``."""
+# Plain tensor parallelism: heads and FFN units only (no sequence or vocabulary parallelism).
+PLAIN_TP = {"sequence_parallel": False, "vocab_parallel": False}
+
+
+def layout(mesh: DeviceMesh, **techniques) -> ParallelConfig:
+    """The ParallelConfig of ``mesh``'s sizes with ``techniques`` (default: auto, all on at tp > 1)."""
+    dp, tp = mesh["data_parallel"].size(), mesh["tensor_parallel"].size()
+    return ParallelConfig(tensor_parallel_size=tp, data_parallel_size=dp, **techniques)
+
+
+def twin_models(
+    mesh: DeviceMesh, state: dict | None = None, config: ParallelConfig | None = None, **overrides
+) -> tuple[nn.Module, nn.Module]:
+    """(sharded model, unsharded reference), identical weights: from one seed, or ``state``;
+    ``config``: the sharding techniques (default: all of them); ``overrides``: TINY's settings."""
     torch.manual_seed(0)
-    reference = Seq2SeqTransformer(**TINY)
+    reference = Seq2SeqTransformer(**{**TINY, **overrides})
     if state is not None:
         reference.load_state_dict(state)
-    model = parallelize(copy.deepcopy(reference), mesh)
+    model = parallelize(copy.deepcopy(reference), mesh, config)
     return model, reference
+
+
+def step_grads(model: nn.Module) -> None:
+    """What Seq2SeqModule does after backward: the partial sums of sequence parallelism completed."""
+    collectives.reduce_partial_grads(model.parameters())
 
 
 def train_reference(steps: int = 200) -> dict[str, Tensor]:
@@ -108,6 +126,15 @@ def full_grads(model: nn.Module) -> dict[str, Tensor]:
 
 def full_params(model: nn.Module) -> dict[str, Tensor]:
     return {name: full(p.detach()).clone() for name, p in model.named_parameters()}
+
+
+def torch_clip_on_plain_tp(mesh: DeviceMesh, batch: dict[str, Tensor]) -> tuple[str, str]:
+    """torch's clip_grad_norm_ on a plainly tensor-parallel twin after one backward (see try_torch_clip)."""
+    model, _ = twin_models(mesh, config=layout(mesh, **PLAIN_TP))
+    rows = slice(None) if mesh["data_parallel"].size() == 1 else slice(0, batch["src"].shape[0] // 2)
+    group = mesh["data_parallel"].get_group() if mesh["data_parallel"].size() > 1 else None
+    loss_of(model, {key: value[rows] for key, value in batch.items()}, group)[0].backward()
+    return try_torch_clip(model)
 
 
 def try_torch_clip(model: nn.Module) -> tuple[str, str]:
@@ -159,7 +186,8 @@ def tp_worker(mesh: DeviceMesh, steps: int, trained: dict) -> dict:
     # 2. Clipping: one backward on both, then torch's clip and ours.
     for m in (model, reference):
         loss_of(m, batch)[0].backward()
-    out["torch_clip"] = try_torch_clip(model)
+    step_grads(model)
+    out["torch_clip"] = torch_clip_on_plain_tp(mesh, batch)
     out["clip_norm"] = collectives.clip_grad_norm(model.parameters(), CLIP)
     out["ref_clip_norm"] = torch.nn.utils.clip_grad_norm_(reference.parameters(), CLIP)
     out["clipped_grads"], out["ref_clipped_grads"] = full_grads(model), full_grads(reference)
@@ -173,6 +201,7 @@ def tp_worker(mesh: DeviceMesh, steps: int, trained: dict) -> dict:
             opt.zero_grad()
             loss, _ = loss_of(m, batch)
             loss.backward()
+            step_grads(m)
             opt.step()
             losses.append(loss.item())
 
@@ -191,6 +220,7 @@ def dp_tp_step(model, reference, optimizers, batch: dict[str, Tensor], rows: sli
     # averages the gradients over dp); logged, the mean over every token of the global batch.
     loss, mean_loss = loss_of(model, {key: value[rows] for key, value in batch.items()}, dp_mesh.get_group())
     loss.backward()
+    step_grads(model)
     out["losses"].append(mean_loss.item())
 
     ref_loss, ref_mean_loss = loss_of(reference, batch)
@@ -198,7 +228,6 @@ def dp_tp_step(model, reference, optimizers, batch: dict[str, Tensor], rows: sli
     out["ref_losses"].append(ref_mean_loss.item())
 
     if "grads" not in out:
-        out["torch_clip"] = try_torch_clip(model)
         out["grads"], out["ref_grads"] = full_grads(model), full_grads(reference)
     out["norms"].append(collectives.clip_grad_norm(model.parameters(), CLIP).item())
     out["ref_norms"].append(torch.nn.utils.clip_grad_norm_(reference.parameters(), CLIP).item())
@@ -223,6 +252,7 @@ def dp_tp_worker(mesh: DeviceMesh, steps: int, global_batch: int, trained: dict)
     for step in range(steps):
         dp_tp_step(model, reference, optimizers, make_batch(global_batch, seed=200 + step), rows, dp_mesh, out)
     out["params"], out["ref_params"] = full_params(model), full_params(reference)
+    out["torch_clip"] = torch_clip_on_plain_tp(mesh, make_batch(global_batch, seed=200))
 
     # dp rank 0 decodes two short sources, rank 1 two long ones: alone, rank 0 would stop
     # steps earlier; under FSDP every rank must join every all-gather (all_done keeps lockstep).
@@ -278,7 +308,7 @@ def test_tp2_adamw_losses_match_unsharded(tp_world):
 
 # --------------------------------------------------------------------------- 2. clipping across meshes
 def test_torch_clip_grad_norm_fails_on_mixed_tp_parameters(tp_world):
-    # The pitfall collectives.clip_grad_norm exists for. dp=1 x tp=2: q/k/v/o/fc1/fc2 grads are
+    # The pitfall collectives.clip_grad_norm exists for. dp=1 x plain tp=2: q/k/v/o/fc1/fc2 grads are
     # DTensors, embeddings and norms plain tensors, and torch 2.13 stops in _foreach_norm:
     # "aten._foreach_norm.Scalar got mixed torch.Tensor and DTensor ...".
     status, message = tp_world[0]["torch_clip"]
@@ -303,9 +333,9 @@ def test_tp2_each_rank_holds_its_share(tp_world):
         tp = out["tp"]
         for name, (local, whole) in out["param_numel"].items():
             *_, module, kind = name.split(".")
-            if module in COLWISE or (module in ROWWISE and kind == "weight"):
-                assert local * tp == whole, name
-            else:  # embeddings, norms, and the row-wise biases (added once, after the all-reduce)
+            if module in COLWISE or (module in ROWWISE and kind == "weight") or module == "tokens":
+                assert local * tp == whole, name  # vocabulary parallelism: the embedding's rows too
+            else:  # norms, and the row-wise biases (added once, after the reduction)
                 assert local == whole, name
         d, ffn = TINY["d_model"], TINY["ffn_dim"]
         for name, (local, whole) in out["module_numel"].items():
@@ -315,6 +345,8 @@ def test_tp2_each_rank_holds_its_share(tp_world):
             elif name.endswith("ffn"):  # fc1 split with its bias, fc2 weight split, fc2 bias whole
                 assert whole == 2 * d * ffn + ffn + d
                 assert local == (2 * d * ffn + ffn) // tp + d, name
+            elif name.endswith("tokens"):  # the shared (V, D) matrix, by vocabulary rows
+                assert local * tp == whole == TINY["vocab_size"] * d, name
             else:
                 assert local == whole, name
         assert sum(1 for name in out["module_numel"] if name.endswith("attn")) == 6  # 2 enc + 2x2 dec
@@ -371,7 +403,7 @@ def test_dp2_tp2_training_after_decoding(dp_tp_world):
 
 @pytest.mark.slow
 def test_dp2_tp2_torch_clip_grad_norm_fails(dp_tp_world):
-    # dp=2 x tp=2: every grad is a DTensor, but TP layers live on the 2-D mesh and the rest on
+    # dp=2 x plain tp=2: every grad is a DTensor, but TP layers live on the 2-D mesh and the rest on
     # the 1-D data_parallel mesh: "All operands in aten.stack.default must have the same mesh".
     status, message = dp_tp_world[0]["torch_clip"]
     assert status == "raised", f"torch.nn.utils.clip_grad_norm_ no longer fails here: {message}"

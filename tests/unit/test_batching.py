@@ -147,7 +147,7 @@ def test_loader_resume_mid_epoch_with_two_replicas(lengths):
             next(it)
             first.mark_step()
         state = first.state_dict()
-        assert state == {"epoch": 0, "consumed": 7}
+        assert state == {"epoch": 0, "consumed": 7, "global_batch": 16}
         second = loader(rank)
         second.load_state_dict(state)
         rest = [b["src"] for b in second]
@@ -158,6 +158,22 @@ def test_loader_resume_mid_epoch_with_two_replicas(lengths):
         third.load_state_dict(state)
         iter(third)
         assert third.state_dict()["consumed"] == 7
+
+
+def test_resume_at_another_global_batch_skips_as_many_examples(lengths):
+    """Saved by 2 replicas of 8 (global batches of 16), resumed by one replica of 8: 7 batches of 16 taken
+    are 14 of 8, so the epoch goes on after the same 112 examples."""
+    pairs = [([4] * n, [5] * n) for n in lengths]
+    two = ResumableDataLoader(
+        PairDataset(pairs), BucketBatchSampler(lengths, batch_size=8, num_replicas=2, seed=1), collate_fn=collate
+    )
+    one = ResumableDataLoader(PairDataset(pairs), BucketBatchSampler(lengths, batch_size=8, seed=1), collate_fn=collate)
+    all_batches = len(one)
+    one.load_state_dict({**two.batch_sampler.state_dict(7), "epoch": 0})
+    assert sum(1 for _ in one) == all_batches - 14
+    # A checkpoint of an older version (no global_batch): taken as written at this size.
+    one.load_state_dict({"epoch": 0, "consumed": 7})
+    assert sum(1 for _ in one) == all_batches - 7
 
 
 # ----------------------------------------------------------------------------- collate

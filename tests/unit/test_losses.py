@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers.gradients import assert_as_exact_as
-from mha_lightning.losses import CPU_BLOCK_ELEMENTS, _row_max, linear_cross_entropy_sum, smoothed_cross_entropy_sum
+from mha_lightning.losses import CPU_BLOCK_ELEMENTS, linear_cross_entropy_sum, row_max, smoothed_cross_entropy_sum
 
 PAD = 0
 
@@ -55,12 +55,12 @@ def test_a_nan_counts_in_a_real_row_and_not_in_an_ignored_one():
 
 
 @pytest.mark.parametrize("V", [5, 64, 3000])  # one short chunk, one whole chunk, a short last chunk
-def test_row_max_is_the_maximum_and_the_first_index_holding_it(V):
+def testrow_max_is_the_maximum_and_the_first_index_holding_it(V):
     g = torch.Generator().manual_seed(3)
     x = torch.randint(0, 4, (50, V), generator=g).float()  # rows full of ties
     x[7, -1] = 9.0  # the maximum in the last column
     x[8, V // 2 :] = 9.0  # a tie across chunks: the first one counts
-    peak, index = _row_max(x)
+    peak, index = row_max(x)
     assert torch.equal(peak, x.amax(-1, keepdim=True)) and torch.equal(index, x.argmax(-1))
     assert index[7] == V - 1 and index[8] == V // 2
 
