@@ -50,11 +50,13 @@ def check_wandb_online(node: Any) -> None:
         return
     import wandb
 
-    settings = wandb.Settings()
-    base_url = str(settings.base_url)
+    settings = wandb.setup().settings  # what wandb.init will use: the environment, wandb's settings files
+    base_url, settings_key = str(settings.base_url), settings.api_key
+    if wandb.run is None:
+        wandb.teardown()  # set up again by the run itself, with the environment it then has
     said = "logger.wandb.offline=false" if node.get("offline") is False else f"WANDB_MODE={os.environ['WANDB_MODE']}"
     offline = "or log offline (WANDB_MODE=offline, the default; `wandb sync` uploads the run later)"
-    if not _has_api_key(base_url, settings.api_key):
+    if not _has_api_key(base_url, settings_key):
         raise ConfigError(
             f"{said} needs a W&B API key for {base_url} and none is set; run `wandb login` (or set WANDB_API_KEY), "
             f"{offline}"

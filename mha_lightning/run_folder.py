@@ -150,6 +150,13 @@ class Holder:
         return f"pid {self.pid} on {self.host} (started {started})"
 
 
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass  # e.g. a read-only file system answers EROFS even for a file that is not there
+
+
 def _write_refused(folder: Path, error: OSError) -> UserError:
     reason = error.strerror or str(error) or type(error).__name__
     return UserError(f"cannot write to run folder {folder} ({reason}); make it writable or pick another hydra.run.dir")
@@ -243,7 +250,7 @@ class RunLock:
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            _remove(tmp)
             raise _write_refused(self.folder, e) from None
         try:
             os.link(tmp, self.path)
@@ -254,7 +261,7 @@ class RunLock:
                 raise _write_refused(self.folder, e) from None
             self._create_exclusive(text)
         finally:
-            tmp.unlink(missing_ok=True)
+            _remove(tmp)
         self.holder = holder
 
     def _create_exclusive(self, text: str) -> None:
@@ -288,7 +295,7 @@ class RunLock:
                 self.path.unlink(missing_ok=True)
                 self.took_over = f"{found[0] or 'an unreadable lock'}: {reason}"
         finally:
-            breaker.unlink(missing_ok=True)
+            _remove(breaker)
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
