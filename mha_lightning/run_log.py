@@ -81,6 +81,11 @@ class HeldHandler(logging.Handler):
         else:
             self.target.handle(record)
 
+    def hold(self) -> None:
+        """Hold records again, until the next :meth:`show_held` or :meth:`drop_held`."""
+        if self._held is None:
+            self._held = []
+
     def show_held(self) -> None:
         """Pass the held records on, and every later one as it comes."""
         held, self._held = self._held, None
@@ -105,11 +110,15 @@ def hold_logger(name: str) -> None:
         return
     logger = logging.getLogger(name)
     for handler in list(logger.handlers):
-        if not isinstance(handler, (HeldConsole, HeldHandler)):
+        if isinstance(handler, HeldHandler):
+            handler.hold()  # held for an earlier job of this process (a sweep): hold again
+        elif isinstance(handler, HeldConsole):
+            continue
+        else:
             logger.removeHandler(handler)
-            held = HeldHandler(handler)
-            logger.addHandler(held)
-            consoles[0].others.append(held)
+            handler = HeldHandler(handler)
+            logger.addHandler(handler)
+        consoles[0].others.append(handler)
 
 
 def release_console() -> None:

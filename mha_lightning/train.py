@@ -423,6 +423,7 @@ def _relaunch_sweep_job(cfg: DictConfig) -> dict[str, float]:
 
     Lightning's launcher re-runs sys.argv; inside `-m` that would make every worker run the
     whole sweep (docs/design.md, "Sweeps of multi-process jobs"). The job's own config has no sweep left in it."""
+    run_log.release_console()  # this process only launches the job: the job's own process checks and refuses
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     job = OmegaConf.to_container(cfg, resolve=True)
