@@ -466,6 +466,7 @@ def _run_sweep_job(cfg: DictConfig) -> float | None:
         requeue_slurm_job(launcher_rank())
         sys.exit(code)  # a SystemExit: submitit records no result and waits for the requeued job
     except UserError as e:
+        run_log.drop_held()  # a refused job: its one line, not the checks' lines after it
         report(e, launcher_rank())
         return trial_failed(objective, first_line(e))
     except Exception as e:  # noqa: BLE001 - a bug in one trial: its traceback goes to the job's log, the sweep goes on

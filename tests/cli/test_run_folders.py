@@ -41,9 +41,16 @@ def train_command(run: Path, *overrides: str) -> list[str]:
 
 
 def start(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Its own process group: a signal to the group reaches the processes it starts too (wandb's service)."""
     cwd.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
-        cmd, cwd=cwd, env=env or cli_env(cwd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd,
+        cwd=cwd,
+        env=env or cli_env(cwd),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
 
 
@@ -275,14 +282,16 @@ def test_two_starts_on_one_folder_never_mix_and_a_killed_holder_is_taken_over(tm
     last = run / "checkpoints" / "last.ckpt"
     while winner.poll() is None and not last.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    winner.send_signal(signal.SIGSTOP)  # the folder holds still: a refused start must not change it
+    os.killpg(
+        winner.pid, signal.SIGSTOP
+    )  # the folder holds still (W&B's service too): a refused start must not change it
     try:
         before = listing(run)
         refused = finished(start(train_command(run, *LONG), tmp_path))
         assert holder_pid(assert_refused(refused, "in use by another job")) == winner.pid
         assert listing(run) == before
     finally:
-        winner.send_signal(signal.SIGKILL)
+        os.killpg(winner.pid, signal.SIGKILL)
         winner.communicate(timeout=60)
     assert (run / LOCK_FILE).is_file(), "a killed holder leaves its lock"
     checkpoint = torch.load(last, weights_only=True)
