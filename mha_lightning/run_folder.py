@@ -42,7 +42,8 @@ HEARTBEAT_SECONDS = 30.0
 STALE_AFTER_SECONDS = 600.0
 # A start taking over a stale lock holds ".run.lock.break" for milliseconds; older, its start died doing so.
 BREAK_STALE_SECONDS = 60.0
-# What mha-train writes into a run folder: overwrite=true removes these, and nothing else.
+# What mha-train writes into a run folder: overwrite=true removes these, and nothing else (a sweep job's
+# job_config.yaml stays: the process that relaunches the job wrote it for the run that replaces the old one).
 RUN_OUTPUTS = (
     ".hydra",
     ".ranks",
@@ -53,7 +54,6 @@ RUN_OUTPUTS = (
     "metrics.json",
     "attention_entropy.csv",
     "tokenizer.json",
-    "job_config.yaml",
     "job_state.json",
 )
 # Signs that a folder holds a run (metrics.json: a finished one).

@@ -267,7 +267,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     plan = preflight(cfg)
     replacing = False
     if lock is not None:
-        replacing = _check_folder(cfg, plan, out) is not None and bool(cfg.get("overwrite"))
+        resume_from = plan.resume.path if plan.resume is not None else None
+        replacing = _check_folder(cfg, out, resume_from) is not None and bool(cfg.get("overwrite"))
         check_wandb_online((cfg.get("logger") or {}).get("wandb"))
     if plan.world_size > 1:
         from mha_lightning import parallel
@@ -309,10 +310,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def _check_folder(cfg: DictConfig, plan: RunPlan, out: Path) -> str | None:
+def _check_folder(cfg: DictConfig, out: Path, resume_from: Path | None) -> str | None:
     """Refuse a plain start in a folder that holds a run (``resume=auto``, a ``ckpt_path`` of this folder or
     ``overwrite=true`` may start there) -> what the folder holds, if anything."""
-    resuming = cfg.get("resume") == "auto" or (plan.resume is not None and _inside(plan.resume.path, out))
+    resuming = cfg.get("resume") == "auto" or (resume_from is not None and _inside(resume_from, out))
     return check_start(out, resuming=resuming, overwrite=bool(cfg.get("overwrite")))
 
 
@@ -324,7 +325,7 @@ def _take_folder(cfg: DictConfig, plan: RunPlan, lock: RunLock | None, replacing
     if lock is not None:
         out.mkdir(parents=True, exist_ok=True)
         lock.acquire()
-        _check_folder(cfg, plan, out)  # again, now that no other start can change the folder
+        _check_folder(cfg, out, plan.resume.path if plan.resume else None)  # again: no other start can change it now
         if replacing:
             removed = clear_run(out, job_name or "train")
             log.warning("overwrite=true: removed the earlier run in %s (%s)", out, ", ".join(removed))
@@ -425,6 +426,9 @@ def _relaunch_sweep_job(cfg: DictConfig) -> dict[str, float]:
     whole sweep (docs/design.md, "Sweeps of multi-process jobs"). The job's own config has no sweep left in it."""
     run_log.release_console()  # this process only launches the job: the job's own process checks and refuses
     out = Path(cfg.paths.output_dir)
+    # Before job_config.yaml is written: a folder another job holds, or a run fills, is refused here (read only).
+    RunLock(out).check()
+    _check_folder(cfg, out, Path(str(cfg.ckpt_path)) if cfg.get("ckpt_path") else None)
     out.mkdir(parents=True, exist_ok=True)
     job = OmegaConf.to_container(cfg, resolve=True)
     OmegaConf.save(OmegaConf.create(job), out / "job_config.yaml")
