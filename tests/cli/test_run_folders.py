@@ -41,7 +41,6 @@ def train_command(run: Path, *overrides: str) -> list[str]:
 
 
 def start(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Its own process group: a signal to the group reaches the processes it starts too (wandb's service)."""
     cwd.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
         cmd,
@@ -50,7 +49,6 @@ def start(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> subpr
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        start_new_session=True,
     )
 
 
@@ -259,6 +257,30 @@ LOCKED = [*QUIET, "monitor.enabled=false", "logger=[csv,wandb]", "trainer.log_ev
 LONG = [*LOCKED, "trainer.val_check_interval=10", "data.num_val=16", "trainer.max_steps=100000"]
 
 
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process it started, and they started (from /proc: parents, not sessions)."""
+    parents = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parents[int(pid)] = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += [child for child, parent in parents.items() if parent == pid]
+    return tree
+
+
+def signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 def holder_pid(line: str) -> int:
     return int(line.split("in use by another job: pid ")[1].split()[0])
 
@@ -282,16 +304,15 @@ def test_two_starts_on_one_folder_never_mix_and_a_killed_holder_is_taken_over(tm
     last = run / "checkpoints" / "last.ckpt"
     while winner.poll() is None and not last.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.killpg(
-        winner.pid, signal.SIGSTOP
-    )  # the folder holds still (W&B's service too): a refused start must not change it
+    holder = process_tree(winner.pid)  # W&B's service, in a session of its own, writes the run file too
+    signal_all(holder, signal.SIGSTOP)  # the folder holds still: a refused start must not change it
     try:
         before = listing(run)
         refused = finished(start(train_command(run, *LONG), tmp_path))
         assert holder_pid(assert_refused(refused, "in use by another job")) == winner.pid
         assert listing(run) == before
     finally:
-        os.killpg(winner.pid, signal.SIGKILL)
+        signal_all(holder, signal.SIGKILL)
         winner.communicate(timeout=60)
     assert (run / LOCK_FILE).is_file(), "a killed holder leaves its lock"
     checkpoint = torch.load(last, weights_only=True)
