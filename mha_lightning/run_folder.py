@@ -334,7 +334,7 @@ def stale_reason(holder: Holder | None, age: float) -> str | None:
     """Why a lock no longer holds (None while it does): its holder on this machine is gone, or the heartbeat of a
     holder on another host stopped more than :data:`STALE_AFTER_SECONDS` ago."""
     if holder is None:
-        return "unreadable" if age > 5.0 else None  # a few seconds: a lock being written (exclusive create)
+        return "its file cannot be read" if age > 5.0 else None  # younger: a lock being written (exclusive create)
     if holder.on_this_machine():
         return None if holder.alive() else "its process is gone"
     if age > STALE_AFTER_SECONDS:
