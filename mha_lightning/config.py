@@ -414,7 +414,14 @@ def preflight(cfg: Any) -> RunPlan:
         model.get("num_heads"), model.get("ffn_dim"), dp, tp, trainer.get("devices", 1), trainer.get("num_nodes", 1)
     )
     _check_launcher_world(trainer.get("devices", 1), trainer.get("num_nodes", 1))
-    model = asdict(_from_mapping(TransformerConfig, model, "model"))  # its checks, named model.<key>; head_dim set
+    try:
+        model = asdict(TransformerConfig(**model))  # the model's own checks, named model.<key>; head_dim resolved
+    except TypeError as e:  # +model.foo=1: an option the model does not take
+        from dataclasses import fields
+
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        options = sorted(f.name for f in fields(TransformerConfig))
+        raise ConfigError(f"model has no option {unknown[1] if unknown else e!r}; its options are {options}") from None
     _check_lengths(c.get("data") or {}, model)
     module = c.get("module") or {}
     from mha_lightning.module import NONFINITE_POLICIES
