@@ -21,7 +21,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from typing_extensions import override
 
 from mha_lightning.checkpoint_folder import fsync_path, publish, publish_file, remove, sibling_path
-from mha_lightning.errors import CheckpointError
+from mha_lightning.errors import CheckpointError, first_line
 
 
 def temporary_path(path: str | os.PathLike) -> Path:
@@ -180,9 +180,9 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
                     raise failure if failure is not None else OSError("another rank could not write its shard")
                 publish(staging, target, step)
             except BaseException as e:  # DCP's CheckpointException is a BaseException
+                cause = _os_error(e) or space_error(staging if staging.is_dir() else target.parent)
                 remove(staging)
-                cause = _os_error(e)
-                message = str(_write_error(target, cause)) if cause is not None else _first_line(e)
+                message = str(_write_error(target, cause)) if cause is not None else _failure_line(target, e)
         message = self.broadcast(message)
         if isinstance(failure, (KeyboardInterrupt, SystemExit)):
             raise failure  # Ctrl-C stays Ctrl-C
@@ -192,6 +192,38 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
             raise error from failure
 
 
-def _first_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"cannot write checkpoint ({text[:300] or type(error).__name__})"
+# How much space_error tries to write: more than a full disk's last free blocks, little for a disk with room.
+PROBE_BYTES = 1 << 20
+
+
+def space_error(folder: Path) -> OSError | None:
+    """The OSError a write into ``folder`` gives now (None when PROBE_BYTES fit), for a save that failed without
+    one: torch's zip writer reports a full disk's short write as "unexpected pos", its errno lost, and DCP passes
+    on only that. Run before the failed save's files are removed, so the disk is as full as the save left it."""
+    probe = folder / f".space-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        return e
+    block = b"\0" * (64 << 10)
+    try:
+        for _ in range(PROBE_BYTES // len(block)):
+            if os.write(fd, block) < len(block):
+                os.write(fd, block)  # a short write: the next one raises the reason
+        os.fsync(fd)
+    except OSError as e:
+        return e
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
+    return None
+
+
+def _failure_line(target: Path, error: BaseException) -> str:
+    """One line for a failed save without an OSError: each failed rank's exception, not DCP's traceback text."""
+    failures = getattr(error, "failures", None)
+    if failures:
+        text = "; ".join(f"rank {r}: {type(x).__name__}: {first_line(x)}" for r, (x, _) in sorted(failures.items()))
+    else:
+        text = f"{type(error).__name__}: {first_line(error)}"
+    return f"cannot write checkpoint {target} ({text[:300]})"

@@ -294,14 +294,19 @@ def load_into_sharded(path: str | Path, model: nn.Module, optimizers: list) -> d
     return checkpoint
 
 
-def consolidate(src: str | Path, dst: str | Path) -> Path:
+def consolidate(src: str | Path, dst: str | Path, force: bool = False) -> Path:
     """Turn a sharded checkpoint folder into one file that loads anywhere (tp=1 included).
 
     The file holds the whole model and the folder's metadata; the optimizer state, stored per
-    parameter shard, is left behind (a single-file checkpoint is for weights: ``init_from``, mha-eval)."""
+    parameter shard, is left behind (a single-file checkpoint is for weights: ``init_from``, mha-eval).
+    An existing ``dst`` is replaced only with ``force``."""
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise CheckpointError(f"{src} is not a sharded checkpoint folder; only folders need consolidating")
+    if dst.is_dir():
+        raise CheckpointError(f"{dst} is a folder; name the single file to write, e.g. {dst / 'model.ckpt'}")
+    if dst.exists() and not force:
+        raise CheckpointError(f"{dst} exists; choose another output, or pass --force to replace it")
     model, _ = load_model(src)
     checkpoint = _torch_load(src / META_FILE)
     checkpoint["state_dict"] = {MODEL_PREFIX + k: v for k, v in model.state_dict().items()}
@@ -313,12 +318,13 @@ def consolidate(src: str | Path, dst: str | Path) -> Path:
 
 @exit_on_user_error
 def consolidate_main(argv: list[str] | None = None) -> int:
-    """`mha-consolidate SHARDED_DIR OUT.ckpt`."""
+    """`mha-consolidate SHARDED_DIR OUT.ckpt [--force]`."""
     parser = argparse.ArgumentParser(prog="mha-consolidate", description=consolidate_main.__doc__)
     parser.add_argument("sharded_dir")
     parser.add_argument("output")
+    parser.add_argument("--force", action="store_true", help="replace OUT.ckpt if it exists")
     args = parser.parse_args(argv)
-    print(f"wrote {consolidate(args.sharded_dir, args.output)}")
+    print(f"wrote {consolidate(args.sharded_dir, args.output, force=args.force)}")
     return 0
 
 

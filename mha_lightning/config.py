@@ -9,6 +9,7 @@ before any worker starts (docs/design.md, "Configuration").
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -112,6 +113,62 @@ class MonitorConfig:
         return from_mapping(cls, values, "monitor")
 
 
+# The top-level keys mha-train reads (conf/train.yaml, its groups, a search's objective). `+foo=1` adds a key that
+# reaches nothing and is refused, unless an interpolation reads it (`+corpus=/data data.train.tsv=${corpus}/train.tsv`).
+SETTINGS = tuple(
+    "task_name seed test ckpt_path resume init_from overwrite parallel model data module trainer logger callbacks "
+    "monitor paths optimized_metric optimized_direction".split()
+)
+MAX_SEED = 2**32 - 1  # numpy's and Lightning's bound
+_REFERENCE = re.compile(r"\$\{\s*([A-Za-z_]\w*)")
+
+
+def _referenced(node: Any) -> set[str]:
+    """The first key of every interpolation in ``node`` (``${corpus}/train.tsv`` -> corpus)."""
+    if isinstance(node, Mapping):
+        return set().union(*map(_referenced, node.values())) if node else set()
+    if isinstance(node, list):
+        return set().union(*map(_referenced, node)) if node else set()
+    return set(_REFERENCE.findall(node)) if isinstance(node, str) else set()
+
+
+def _check_settings(cfg: Any) -> None:
+    """One line for a top-level key nothing reads (``+foo=1``): Hydra's ``+`` adds any key, and this one would be
+    ignored silently. Keys inside a component (``+trainer.profiler=simple``) reach it and are its to check."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    unknown = sorted(set(raw) - set(SETTINGS) - _referenced(raw))
+    if unknown:
+        raise ConfigError(
+            f"{unknown[0]} is not a setting of mha-train (nothing reads it); a component's option goes inside its "
+            f"group (e.g. +trainer.profiler=simple); the settings are: {', '.join(SETTINGS)}"
+        )
+
+
+def _check_seed(seed: Any) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
+
+
+def _check_overwrite(c: Mapping[str, Any]) -> None:
+    """``overwrite=true`` replaces the run in the folder (docs/design.md, "Run folders"): never what it resumes from."""
+    overwrite = c.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise ConfigError(f"overwrite must be true or false, got {overwrite!r}")
+    if not overwrite:
+        return
+    if c.get("resume") == "auto":
+        raise ConfigError("set either resume=auto (continue the run in the folder) or overwrite=true (replace it)")
+    folder = Path(str(c["paths"]["output_dir"])).resolve()
+    for key in ("ckpt_path", "init_from"):
+        if c.get(key) and folder in Path(str(c[key])).resolve().parents:
+            raise ConfigError(
+                f"{key}={c[key]} lies in the run folder that overwrite=true clears; copy it out first, or drop "
+                "overwrite=true"
+            )
+
+
 def model_kwargs(node: Mapping[str, Any]) -> dict[str, Any]:
     """A ``model`` config node as ``Seq2SeqTransformer`` keyword arguments (no Hydra keys)."""
     return {k: v for k, v in node.items() if not str(k).startswith("_")}
@@ -127,9 +184,10 @@ def existing_path(key: str, value: Any) -> Path | None:
     return path
 
 
-def instantiate(node: Any, **kwargs: Any) -> Any:
+def instantiate(node: Any, *, config_key: str | None = None, **kwargs: Any) -> Any:
     """hydra.utils.instantiate, but a UserError raised by the target reaches the user as itself
-    (Hydra wraps it in an InstantiationException with a stack-trace hint)."""
+    (Hydra wraps it in an InstantiationException with a stack-trace hint), and, given the node's ``config_key``,
+    an option the target does not take (``+trainer.foo=1``) is one line naming it."""
     import hydra
     from hydra.errors import InstantiationException
 
@@ -140,6 +198,11 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
     except InstantiationException as e:
         if isinstance(e.__cause__, UserError):
             raise e.__cause__ from None
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e.__cause__))
+        if config_key is not None and isinstance(e.__cause__, TypeError) and unknown:
+            raise ConfigError(
+                f"{config_key}.{unknown[1]}: {node.get('_target_')} has no option {unknown[1]!r}; check its spelling"
+            ) from None
         raise
 
 
@@ -300,14 +363,24 @@ def preflight(cfg: Any) -> RunPlan:
 
     from mha_lightning.model import TransformerConfig
 
+    _check_settings(cfg)
     c = OmegaConf.to_container(cfg, resolve=True)
+    _check_seed(c.get("seed"))
+    _check_overwrite(c)
     model = model_kwargs(c["model"])
     trainer = c.get("trainer") or {}
     _check_trainer(trainer)
     parallel = ParallelConfig.from_dict(c.get("parallel"))
     dp, tp = parallel.validate(model, trainer.get("devices", 1), trainer.get("num_nodes", 1))
     _check_launcher_world(trainer.get("devices", 1), trainer.get("num_nodes", 1))
-    model = asdict(TransformerConfig(**model))  # the model's own checks, named model.<key>; head_dim resolved
+    try:
+        model = asdict(TransformerConfig(**model))  # the model's own checks, named model.<key>; head_dim resolved
+    except TypeError as e:  # +model.foo=1: an option the model does not take
+        from dataclasses import fields
+
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        options = sorted(f.name for f in fields(TransformerConfig))
+        raise ConfigError(f"model has no option {unknown[1] if unknown else e!r}; its options are {options}") from None
     _check_lengths(c.get("data") or {}, model)
     module = c.get("module") or {}
     from mha_lightning.module import NONFINITE_POLICIES

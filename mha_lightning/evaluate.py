@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -120,16 +122,20 @@ def translate(module: Seq2SeqModule, sources: list[list[int]], batch_size: int) 
     return out
 
 
-def read_sources(data, path: Path, reach: int) -> list[list[int]]:
-    """Encode a file of source sentences (text) or token ids (synthetic tasks), one per line."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"input file {path} does not exist") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"input file {path} is not UTF-8 (byte offset {e.start}); re-encode it as UTF-8") from None
+def read_input(path: Path) -> list[str]:
+    """The lines of ``--input``, read as training reads text; a directory, a missing or an empty file, bytes that
+    are not UTF-8 or a NUL byte are one line naming the file (and line), before any model is loaded."""
+    from mha_lightning.data.text import read_lines
+
+    lines = read_lines(path)
     if not any(line.strip() for line in lines):
         raise DataError(f"input file {path} is empty; give one source sentence per line")
+    return lines
+
+
+def read_sources(data, path: Path, reach: int, lines: list[str] | None = None) -> list[list[int]]:
+    """Encode a file of source sentences (text) or token ids (synthetic tasks), one per line."""
+    lines = read_input(path) if lines is None else lines
     if getattr(data, "is_text", False):
         sources = [data.tokenizer.encode(line.strip()) for line in lines]
     else:
@@ -162,6 +168,38 @@ def remove_heads(model, names: list[str]) -> None:
     model.set_head_mask(config.masked_heads())
 
 
+def _cannot_write(path: Path, error: OSError) -> DataError:
+    reason = error.strerror or str(error) or type(error).__name__
+    return DataError(f"cannot write the hypotheses to {path} ({reason}); pass --output <a file in a writable folder>")
+
+
+def check_writable(path: Path) -> None:
+    """Whether the hypotheses can be written to ``path``: tried now (a hidden file created beside it and removed
+    again), not after minutes of decoding. A read-only run folder is one line."""
+    if path.is_dir():
+        raise DataError(f"--output {path} is a directory; give a file name")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the folders to create go in what exists
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".tmp"):
+            pass
+    except OSError as e:
+        raise _cannot_write(path, e) from None
+
+
+def write_hypotheses(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (beside it, then renamed); a failure is one line."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _cannot_write(path, e) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mha-eval", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("checkpoint", help="a .ckpt file or a sharded checkpoint folder")
@@ -188,20 +226,22 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         if args.beam < 1:
             raise DataError(f"--beam must be at least 1, got {args.beam}")
         overrides.update(strategy="beam" if args.beam > 1 else "greedy", beam_size=args.beam)
+    # What can fail without the model fails first: the input file, and where the hypotheses go.
+    lines = read_input(args.input) if args.input is not None else None
+    output = args.output or Path(args.checkpoint).parent / f"{args.input.stem if args.input else args.split}.hyp.txt"
+    check_writable(output)
     module, info = build_module(args.checkpoint, overrides)
     if args.head_mask:
         remove_heads(module.model, args.head_mask.split(","))
     data = build_datamodule(info, args.batch_size)
     result: dict[str, Any] = {}
     if args.input is not None:
-        sources = read_sources(data, args.input, module.model.config.max_len - 1)  # room for EOS
+        sources = read_sources(data, args.input, module.model.config.max_len - 1, lines)  # room for EOS
         hyps = translate(module, sources, args.batch_size or data.eval_batch_size)
     else:
         metrics, hyps = score_split(module, data, args.split)
         result.update(metrics, n=len(hyps))
-    output = args.output or Path(args.checkpoint).parent / f"{args.input.stem if args.input else args.split}.hyp.txt"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text("".join(data.detokenize(h + [EOS_ID]) + "\n" for h in hyps), encoding="utf-8")
+    write_hypotheses(output, "".join(data.detokenize(h + [EOS_ID]) + "\n" for h in hyps))
     result["decoding"] = module.decoding.to_dict()
     return {"hypotheses": str(output), **result}
 

@@ -19,8 +19,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mha_lightning import run_log
 from mha_lightning.config import MonitorConfig, RunPlan, instantiate, preflight
 from mha_lightning.errors import ConfigError, NonFiniteError, Preempted, RankLost, UserError, first_line, report
+from mha_lightning.loggers import check_wandb_online
+from mha_lightning.run_folder import RunLock, check_start, clear_run
 from mha_lightning.sweeps import (
     adopt_submitit_ranks,
     best_value,
@@ -37,18 +40,37 @@ CONFIG_PATH = "pkg://mha_lightning.conf"
 METRICS_FILE = "metrics.json"
 
 
+def checkpoint_tokenizer(plan: RunPlan) -> Path | None:
+    """The tokenizer file of the run a resumed or initialised run continues (it tokenizes exactly as its checkpoint
+    did), None without one."""
+    source = plan.resume or plan.init
+    previous = (source.run_config.get("data") or {}).get("tokenizer_path") if source is not None else None
+    return Path(previous) if previous and Path(previous).is_file() else None
+
+
+def tokenizer_source(cfg: DictConfig, plan: RunPlan, replacing: bool) -> Path | None:
+    """The tokenizer the data checks load: the run's own file (unless overwrite=true replaces the run), else the
+    checkpoint's; None: train one."""
+    target = cfg.data.get("tokenizer_path")
+    if target and Path(target).exists() and not (replacing and _inside(Path(target), Path(cfg.paths.output_dir))):
+        return Path(target)
+    return checkpoint_tokenizer(plan)
+
+
 def reuse_tokenizer(cfg: DictConfig, plan: RunPlan) -> None:
     """A resumed or initialised run tokenizes exactly as its checkpoint did: copy the
     checkpoint's tokenizer into this run instead of training a new one."""
-    source = plan.resume or plan.init
     target = cfg.data.get("tokenizer_path")
-    if source is None or not target or Path(target).exists():
+    previous = checkpoint_tokenizer(plan)
+    if previous is None or not target or Path(target).exists():
         return
-    previous = (source.run_config.get("data") or {}).get("tokenizer_path")
-    if previous and Path(previous).is_file():
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(previous, target)
-        log.info("reusing the tokenizer of %s: %s", source.path, previous)
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(previous, target)
+    log.info("reusing the tokenizer of %s: %s", (plan.resume or plan.init).path, previous)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return folder.resolve() in path.resolve().parents
 
 
 def save_run_record(cfg: DictConfig) -> None:
@@ -76,11 +98,11 @@ def build_model(cfg: DictConfig, plan: RunPlan) -> Any:
     if plan.init is not None:
         from mha_lightning.checkpoints import load_model_weights
 
-        model = instantiate(cfg.model)
+        model = instantiate(cfg.model, config_key="model")
         load_model_weights(model, plan.init)
         return model
     with torch.device("meta") if plan.world_size > 1 else contextlib.nullcontext():
-        return instantiate(cfg.model)
+        return instantiate(cfg.model, config_key="model")
 
 
 def build_strategy(plan: RunPlan) -> Any:
@@ -106,7 +128,7 @@ def build_callbacks(cfg: DictConfig, monitor: MonitorConfig, world_size: int = 1
     note when there are several, the best value of ``optimized_metric`` when set, and the monitor if enabled."""
     from mha_lightning.preemption import PreemptionCheckpoint
 
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    callbacks = [instantiate(c, config_key=f"callbacks.{k}") for k, c in (cfg.get("callbacks") or {}).items() if c]
     callbacks.append(PreemptionCheckpoint())
     objective = objective_of(cfg)
     if objective is not None:
@@ -133,7 +155,7 @@ def build_loggers(cfg: DictConfig, plan: RunPlan | None = None) -> list:
     for name, node in (cfg.get("logger") or {}).items():
         if node and "_target_" in node:
             extra = {"id": run_id, "resume": "allow"} if name == "wandb" and run_id else {}
-            loggers.append(instantiate(node, **extra))
+            loggers.append(instantiate(node, config_key=f"logger.{name}", **extra))
     return loggers
 
 
@@ -147,6 +169,7 @@ def build_trainer(cfg: DictConfig, plan: RunPlan, loggers: list) -> Any:
         extra["plugins"] = [AtomicCheckpointIO()]
     return instantiate(
         cfg.trainer,
+        config_key="trainer",
         strategy=build_strategy(plan),
         callbacks=build_callbacks(cfg, plan.monitor, plan.world_size),
         logger=loggers or False,
@@ -252,7 +275,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     import lightning as L  # here, not at import time: `--cfg job` and config errors stay fast
 
+    run_log.hold_logger("lightning")  # its own console (stderr) waits for the checks too
+    # Every check runs before the first byte is written; then the launching process locks the run folder for the
+    # whole job (docs/design.md, "Run folders"). Its other processes never touch the lock.
+    out = Path(cfg.paths.output_dir)
+    lock = RunLock(out) if launcher_rank() in (None, 0) else None
+    if lock is not None:
+        lock.check()  # a folder in use: refused at once, not after the seconds the checks take
     plan = preflight(cfg)
+    replacing = False
+    if lock is not None:
+        resume_from = plan.resume.path if plan.resume is not None else None
+        replacing = _check_folder(cfg, out, resume_from) is not None and bool(cfg.get("overwrite"))
+        check_wandb_online((cfg.get("logger") or {}).get("wandb"))
     if plan.world_size > 1:
         from mha_lightning.distributed.launch import share_cpu_cores
 
@@ -260,27 +295,73 @@ def train(cfg: DictConfig) -> dict[str, float]:
         threads = share_cpu_cores(per_node)
         if threads is not None and launcher_rank() in (None, 0):
             log.info("%d processes on this node, %d CPU thread(s) each", per_node, threads)
-    if launcher_rank() in (None, 0):
-        save_run_record(cfg)
-        reuse_tokenizer(cfg, plan)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(cfg.data, config_key="data")
     datamodule.check_inputs()
     # prepare_data writes into the run directory, which every node shares: global rank 0 alone runs it (Lightning's
     # default, once per node, had two nodes train the tokenizer and write one tokenizer.json at the same time).
     datamodule.prepare_data_per_node = False
-    if plan.world_size > 1 and launcher_rank() is None:
-        # Read the data (train the tokenizer) before any worker exists: a bad file then stops this one
-        # process with one line, not rank 0 alone while the others fail in a barrier with a traceback.
-        datamodule.prepare_data()
+    if lock is not None:
+        # Read every file and build the tokenizer now: a bad file is one line before anything is written, and
+        # before any worker exists (not rank 0 alone while the others fail in a barrier with a traceback).
+        datamodule.read_inputs(tokenizer_source(cfg, plan, replacing))
     model = build_model(cfg, plan)
-    module = instantiate(cfg.module, model=model, parallel=asdict(plan.parallel), _convert_="partial")
+    module = instantiate(
+        cfg.module, config_key="module", model=model, parallel=asdict(plan.parallel), _convert_="partial"
+    )
     # Saved with every checkpoint and logged as the W&B config (not passed to instantiate, which would
     # build its _target_s). save_hyperparameters, not hparams[...] =: loggers log the initial hparams.
     module.save_hyperparameters({"run_config": OmegaConf.to_container(cfg, resolve=True)})
     loggers = build_loggers(cfg, plan)
     trainer = build_trainer(cfg, plan, loggers)
+    try:
+        _take_folder(cfg, plan, lock, replacing)
+        if plan.world_size > 1 and launcher_rank() is None:
+            datamodule.prepare_data()  # the tokenizer, saved before the workers that load it exist
+        metrics = _fit_and_test(cfg, trainer, module, datamodule, plan, loggers)
+    finally:
+        if lock is not None:
+            lock.release()
+    return metrics
+
+
+def _check_folder(cfg: DictConfig, out: Path, resume_from: Path | None) -> str | None:
+    """Refuse a plain start in a folder that holds a run (``resume=auto``, a ``ckpt_path`` of this folder or
+    ``overwrite=true`` may start there) -> what the folder holds, if anything."""
+    resuming = cfg.get("resume") == "auto" or (resume_from is not None and _inside(resume_from, out))
+    return check_start(out, resuming=resuming, overwrite=bool(cfg.get("overwrite")))
+
+
+def _take_folder(cfg: DictConfig, plan: RunPlan, lock: RunLock | None, replacing: bool) -> None:
+    """The run is accepted: lock its folder (the launching process), clear an earlier run that overwrite=true
+    replaces, open the log file, show the checks' log lines, then write the run's record and tokenizer."""
+    out = Path(cfg.paths.output_dir)
+    job_name = _job_name()
+    if lock is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+        _check_folder(cfg, out, plan.resume.path if plan.resume else None)  # again: no other start can change it now
+        if replacing:
+            removed = clear_run(out, job_name or "train")
+            log.warning("overwrite=true: removed the earlier run in %s (%s)", out, ", ".join(removed))
+    if job_name is not None and (lock is not None or _is_lightning_worker()):
+        # Torchrun's and srun's other ranks log to their launcher only: they cannot know yet that the folder is theirs.
+        run_log.attach_file(out / f"{job_name}.log")
+    run_log.release_console()
+    if lock is not None:
+        save_run_record(cfg)
+        reuse_tokenizer(cfg, plan)
+
+
+def _job_name() -> str | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    return str(HydraConfig.get().job.name) if HydraConfig.initialized() else None
+
+
+def _fit_and_test(cfg: DictConfig, trainer, module, datamodule, plan: RunPlan, loggers: list) -> dict[str, float]:
+    """Fit, validate the final weights, test; print where everything went (global rank 0) -> the final metrics."""
     try:
         fit(trainer, module, datamodule, plan)
         save_final_checkpoint(trainer, module)
@@ -359,7 +440,11 @@ def _relaunch_sweep_job(cfg: DictConfig) -> dict[str, float]:
 
     Lightning's launcher re-runs sys.argv; inside `-m` that would make every worker run the
     whole sweep (docs/design.md, "Sweeps of multi-process jobs"). The job's own config has no sweep left in it."""
+    run_log.release_console()  # this process only launches the job: the job's own process checks and refuses
     out = Path(cfg.paths.output_dir)
+    # Before job_config.yaml is written: a folder another job holds, or a run fills, is refused here (read only).
+    RunLock(out).check()
+    _check_folder(cfg, out, Path(str(cfg.ckpt_path)) if cfg.get("ckpt_path") else None)
     out.mkdir(parents=True, exist_ok=True)
     job = OmegaConf.to_container(cfg, resolve=True)
     OmegaConf.save(OmegaConf.create(job), out / "job_config.yaml")
@@ -401,6 +486,7 @@ def _run_sweep_job(cfg: DictConfig) -> float | None:
         requeue_slurm_job(launcher_rank())
         sys.exit(code)  # a SystemExit: submitit records no result and waits for the requeued job
     except UserError as e:
+        run_log.drop_held()  # a refused job: its one line, not the checks' lines after it
         report(e, launcher_rank())
         return trial_failed(objective, first_line(e))
     except Exception as e:  # noqa: BLE001 - a bug in one trial: its traceback goes to the job's log, the sweep goes on
@@ -438,14 +524,28 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         e.end_workers()
         os._exit(code)
     except UserError as e:
+        _forget_refused_start()
         code = report(e, launcher_rank())
         if e.every_rank and _is_lightning_worker():
             _wait_for_main_process()
         sys.exit(code)
     except OmegaConfBaseException as e:  # e.g. seed=${oops}: an interpolation resolved only now
+        _forget_refused_start()
         sys.exit(report(ConfigError(" ".join(str(e).split())), launcher_rank()))
     objective = objective_of(cfg)
     return best_value(objective, metrics) if objective else None
+
+
+def _forget_refused_start() -> None:
+    """A refused command leaves no trace: its held log lines are dropped and the folders Hydra created for it
+    removed (once a run wrote into its folder, that folder is no longer empty and stays)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from mha_lightning.run_folder import remove_new_folders
+
+    run_log.drop_held()
+    if HydraConfig.initialized():
+        remove_new_folders(HydraConfig.get().runtime.output_dir)
 
 
 def _started_with_peers() -> bool:

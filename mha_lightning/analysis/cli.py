@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -45,16 +46,23 @@ def run(cfg: DictConfig) -> Path:
     settings = OmegaConf.to_container(cfg, resolve=True)
     check(settings)  # before importing torch: a typo costs a second, not ten
 
+    from mha_lightning import run_log
     from mha_lightning.analysis.report import render
     from mha_lightning.analysis.run import analyze
+    from mha_lightning.checkpoints import read_info
 
+    read_info(settings["ckpt"], "ckpt")  # its metadata only: a bad checkpoint is the one line, before any other
+    run_log.release_console()
+    # Nothing is written before the analysis has loaded what it needs (its user errors come first): a refused
+    # command leaves no folder behind (docs/design.md, "Run folders").
     out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out / "analyze_config.yaml")
     results, data = analyze(settings, out)
+    OmegaConf.save(cfg, out / "analyze_config.yaml")
     path = render(out, lambda token: data.detokenize([token]) or str(token))
     if settings["wandb"]["enabled"]:
         log_to_wandb(out, results, settings)
+    if HydraConfig.initialized():
+        run_log.attach_file(out / f"{HydraConfig.get().job.name}.log")
     print(summary(results, path), flush=True)
     return path
 
@@ -106,10 +114,14 @@ def log_to_wandb(out: Path, results: dict[str, Any], settings: dict[str, Any]) -
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except UserError as e:
-        sys.exit(report(e))
-    except OmegaConfBaseException as e:
-        sys.exit(report(ConfigError(" ".join(str(e).split()))))
+    except (UserError, OmegaConfBaseException) as e:
+        from mha_lightning import run_log
+        from mha_lightning.run_folder import remove_new_folders
+
+        run_log.drop_held()
+        remove_new_folders(HydraConfig.get().runtime.output_dir)  # the folder Hydra made for it, while empty
+        error = e if isinstance(e, UserError) else ConfigError(" ".join(str(e).split()))
+        sys.exit(report(error))
 
 
 def main() -> None:

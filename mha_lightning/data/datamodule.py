@@ -49,6 +49,10 @@ class Seq2SeqDataModule(L.LightningDataModule):
     def check_inputs(self) -> None:
         """Cheap checks (files exist) run by every rank before training, so all stop alike."""
 
+    def read_inputs(self, tokenizer: str | Path | None = None) -> None:
+        """Everything about the data that can fail, done by the launching process before the run writes anything
+        (docs/design.md, "Run folders"). Synthetic data is generated (and checked) when built: nothing to do."""
+
     def detokenize(self, ids: Sequence[int]) -> str:
         """Token ids (stopping at EOS) -> the text that BLEU/chrF and hypothesis files see."""
         ids = strip_ids(ids)
@@ -168,12 +172,20 @@ class TextDataModule(Seq2SeqDataModule):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        if isinstance(min_len, bool) or not isinstance(min_len, int) or min_len < 0:
+            raise ConfigError(f"data.min_len must be an integer >= 0 (tokens), got {min_len!r}")
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < max(1, min_len):
+            raise ConfigError(
+                f"data.max_len must be an integer >= max(1, data.min_len={min_len}) (tokens per sentence), "
+                f"got {max_len!r}"
+            )
         has_test = test is not None and any(v is not None for v in test.values())
         self.files = {"train": dict(train), "val": dict(val), "test": dict(test) if has_test else None}
         self.tokenizer_path = Path(tokenizer_path)
         self._vocab_size = vocab_size
         self.min_len, self.max_len = min_len, max_len
         self.tokenizer = None
+        self._unsaved = False  # read_inputs trained the tokenizer: prepare_data saves it
 
     @property
     @override
@@ -194,36 +206,66 @@ class TextDataModule(Seq2SeqDataModule):
         return read_parallel_text(**self.files[split], split=split)
 
     @override
+    def read_inputs(self, tokenizer: str | Path | None = None) -> None:
+        """Read every split, load ``tokenizer`` (or train one in memory, saved by ``prepare_data`` once the run
+        owns its folder) and encode and length-filter the splits: a bad file, a broken tokenizer or a training split
+        the filter empties stops here in one line, before anything is written."""
+        from mha_lightning.data.tokenizer import BPETokenizer
+
+        texts = {split: self._read(split) for split, files in self.files.items() if files is not None}
+        if tokenizer is not None:
+            self._use_tokenizer(BPETokenizer.load(tokenizer), tokenizer)
+        else:
+            trained = BPETokenizer.train([t for pair in texts["train"] for t in pair], self._vocab_size)
+            self._use_tokenizer(trained, self.tokenizer_path)
+            self._unsaved = True
+        self._encode_splits(list(SPLITS), texts)
+
+    @override
     def prepare_data(self) -> None:
-        """Train and save the tokenizer unless ``tokenizer_path`` exists (once, before ``setup``)."""
+        """Save the tokenizer ``read_inputs`` trained, or train and save one, unless ``tokenizer_path`` exists
+        (once, before ``setup``)."""
         from mha_lightning.data.tokenizer import load_or_train_tokenizer
 
-        if not self.tokenizer_path.exists():
-            pairs = self._read("train")
-            texts = [t for pair in pairs for t in pair]
-            load_or_train_tokenizer(self.tokenizer_path, texts, self._vocab_size)
+        if self.tokenizer_path.exists():
+            return
+        if self._unsaved:
+            self.tokenizer.save(self.tokenizer_path)
+            log.info("saved tokenizer to %s", self.tokenizer_path)
+            self._unsaved = False
+            return
+        pairs = self._read("train")
+        texts = [t for pair in pairs for t in pair]
+        load_or_train_tokenizer(self.tokenizer_path, texts, self._vocab_size)
 
     @override
     def setup(self, stage: str | None = None) -> None:
         """Load the tokenizer and encode the splits ``stage`` needs (evaluation: val and test only)."""
-        from mha_lightning.data.text import filter_by_length
         from mha_lightning.data.tokenizer import BPETokenizer
 
         if self.tokenizer is None:
             if not self.tokenizer_path.exists():
                 self.prepare_data()
-            self.tokenizer = BPETokenizer.load(self.tokenizer_path)
-            if self.tokenizer.vocab_size > self._vocab_size:
-                raise ConfigError(
-                    f"tokenizer {self.tokenizer_path} has {self.tokenizer.vocab_size} tokens but data.vocab_size "
-                    f"is {self._vocab_size}; raise data.vocab_size or delete the tokenizer file to retrain it"
-                )
+            self._use_tokenizer(BPETokenizer.load(self.tokenizer_path), self.tokenizer_path)
         # Evaluation (mha-eval, trainer.test) needs neither the training files nor their encoding.
-        wanted = ["val", "test"] if stage in ("validate", "test", "predict") else list(SPLITS)
+        self._encode_splits(["val", "test"] if stage in ("validate", "test", "predict") else list(SPLITS))
+
+    def _use_tokenizer(self, tokenizer, path: str | Path) -> None:
+        if tokenizer.vocab_size > self._vocab_size:
+            raise ConfigError(
+                f"tokenizer {path} has {tokenizer.vocab_size} tokens but data.vocab_size "
+                f"is {self._vocab_size}; raise data.vocab_size or delete the tokenizer file to retrain it"
+            )
+        self.tokenizer = tokenizer
+
+    def _encode_splits(self, wanted: list[str], texts: dict[str, list[tuple[str, str]]] | None = None) -> None:
+        """Encode the ``wanted`` splits not encoded yet (from ``texts`` where given, else read from their files)."""
+        from mha_lightning.data.text import check_kept, filter_by_length
+
         for split in wanted:
             if split in self.splits or self.files[split] is None:
                 continue
-            pairs = self._read(split)
+            pairs = texts[split] if texts is not None else self._read(split)
             encoded = list(
                 zip(
                     self.tokenizer.encode_batch([s for s, _ in pairs]),
@@ -234,7 +276,10 @@ class TextDataModule(Seq2SeqDataModule):
             # Evaluation keeps every sentence (truncated to the model's reach); training filters.
             # Targets too: the teacher-forced val/test loss feeds BOS + target to the decoder.
             if split == "train":
-                encoded, _ = filter_by_length(encoded, self.min_len, self.max_len)
+                total = len(encoded)
+                encoded, _ = filter_by_length(encoded, self.min_len, self.max_len, name="data.train")
+                where = " / ".join(str(v) for v in self.files["train"].values() if v is not None)
+                check_kept(encoded, total, where, self.min_len, self.max_len)
             else:
                 cut = sum(len(s) > self.max_len or len(t) > self.max_len for s, t in encoded)
                 if cut:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mha_lightning.errors import ConfigError, DataError
 
-__all__ = ["read_parallel_text", "filter_by_length"]
+__all__ = ["read_parallel_text", "read_lines", "filter_by_length", "check_kept"]
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,28 @@ def _iter_lines(path: Path, split: str | None) -> Iterator[str]:
                     f"{offset + start + e.start} in the file); re-encode the file as UTF-8 "
                     f"(e.g. with iconv)"
                 ) from None
+            nul = body.find(b"\0", start)
+            if nul >= 0:
+                # Tokenizers keep a NUL as a token and terminals hide it: such a line is a corrupt file, not text.
+                raise DataError(
+                    f"{path}: line {lineno} holds a NUL byte (byte offset {offset + nul} in the file); remove it "
+                    f"(e.g. tr -d '\\000' < {path.name}) or re-export the file"
+                )
             offset += len(raw)
             yield text[:-1] if text.endswith("\r") else text
+
+
+def read_lines(path: PathLike) -> list[str]:
+    """The lines of a UTF-8 text file as training reads them (split on ``\\n`` only, a BOM and ``\\r`` removed).
+
+    Raises:
+        DataError: a missing file or a directory, bytes that are not UTF-8, a NUL byte; naming file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise DataError(f"input file {path} {what}; give a text file with one sentence per line")
+    return list(_iter_lines(path, None))
 
 
 def _finish(
@@ -186,6 +206,17 @@ def check_parallel_files(
     _check_file(src_path, split)
     _check_file(tgt_path, split)
     return src_path, tgt_path
+
+
+def check_kept(kept: Sequence, total: int, where: str, min_len: int, max_len: int | None) -> None:
+    """An empty training split after the length filter is the same error as an empty file (one line, exit 2):
+    training on nothing would stop in Lightning ("no training batches") and report an untrained model."""
+    if total and not kept:
+        raise DataError(
+            f"the length filter dropped all {total} training pair(s) of {where}: each has a side shorter than "
+            f"data.min_len={min_len} or longer than data.max_len={max_len} tokens; raise data.max_len (and "
+            "model.max_len) or check the file (one very long line: a missing line break?)"
+        )
 
 
 def filter_by_length(

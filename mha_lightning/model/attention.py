@@ -1,6 +1,6 @@
 """Multi-head attention with separate q, k, v, o projections and a swappable core.
 
-Single-device code. Tensor parallelism (``mha_lightning.parallel``) shards q, k, v
+Single-device code. Tensor parallelism (``mha_lightning.distributed``) shards q, k, v
 column-wise and o row-wise, so on a sharded rank the projections simply produce fewer
 heads: every reshape below infers the head count from ``head_dim``.
 

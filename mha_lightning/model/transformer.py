@@ -1,7 +1,7 @@
 """Encoder-decoder transformer (Vaswani et al. 2017) with pre-LN or post-LN blocks.
 
-Single-device code: nothing here knows about distribution. ``mha_lightning.parallel``
-shards the attention and FFN Linears of these blocks in place.
+Single-device code: nothing here knows about distribution. ``mha_lightning.distributed``
+shards its modules in place (heads, FFN units, embeddings, the output projection).
 
 Decoding runs incrementally by default: a :class:`DecoderCache` keeps every decoder
 attention's keys and values, so each step feeds only the newest token through the decoder

@@ -213,6 +213,17 @@ def test_consolidated_checkpoint_evaluates_like_the_sharded_one(tp2_runs, tmp_pa
     assert results["single"]["test/exact_match"] == json.loads((a / METRICS_FILE).read_text())["test/exact_match"]
 
 
+def test_consolidate_keeps_an_existing_output_unless_forced(tp2_runs, tmp_path, capsys):
+    sharded, single = tp2_runs[0] / "checkpoints" / "last.ckpt", tmp_path / "model.ckpt"
+    single.write_bytes(b"someone's file")
+    capsys.readouterr()
+    assert consolidate_main([str(sharded), str(single)]) == 2
+    assert capsys.readouterr().err == f"error: {single} exists; choose another output, or pass --force to replace it\n"
+    assert single.read_bytes() == b"someone's file"
+    assert consolidate_main([str(sharded), str(single), "--force"]) == 0
+    assert load_model(single)[1].global_step == STEPS
+
+
 def test_analysis_sharded_over_two_ranks_equals_the_single_device_one(tp2_runs, tmp_path):
     # mha-analyze on A's tp=2 checkpoint folder: once on one process, once sharded itself (tp=2).
     last = tp2_runs[0] / "checkpoints" / "last.ckpt"
