@@ -109,7 +109,7 @@ class Seq2SeqModule(L.LightningModule):
 
             if mesh is not None:
                 parallelize(self.model, mesh, self.parallel)
-                print(describe_sharding(self.model, mesh), flush=True)
+                print(describe_sharding(self.model, mesh, self.parallel), flush=True)
             else:
                 from mha_lightning.distributed.activation_checkpointing import apply_activation_checkpointing
 

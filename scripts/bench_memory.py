@@ -12,9 +12,10 @@ the configuration's techniques. Per rank (the largest over the ranks) it counts:
 - parameters, gradients and AdamW state (exp_avg, exp_avg_sq, step): bytes of the local shards;
 - saved activations: what autograd keeps for backward during the forward, counted with
   ``torch.autograd.graph.saved_tensors_hooks`` (DTensors by their local shard, each storage once,
-  parameters not counted), plus what activation checkpointing keeps instead: each checkpointed layer's
+  parameters not counted), the gradients the fused loss keeps on its node, and what activation
+  checkpointing keeps instead: each checkpointed layer's
   inputs, and under ``selective`` the outputs of the operations its policy keeps
-  (``activation_checkpointing.SAVED_OPS``), counted as they are made;
+  (``activation_checkpointing.selective_policy``, asked about each op as it runs: an estimate);
 - peak resident memory less the rank's own before the model was built (an idle rank's); on CUDA also
   torch's peak allocated bytes.
 
@@ -31,13 +32,15 @@ import json
 import resource
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import CheckpointPolicy
 
 from mha_lightning.distributed import ParallelConfig, collectives
-from mha_lightning.distributed.activation_checkpointing import SAVED_OPS
+from mha_lightning.distributed.activation_checkpointing import selective_policy
 from mha_lightning.distributed.launch import run_local
 from mha_lightning.distributed.parallelize import parallelize
 from mha_lightning.model import Seq2SeqTransformer
@@ -89,20 +92,22 @@ def storage_key(t: torch.Tensor) -> tuple[int, int]:
 
 
 class KeptBySelective(TorchDispatchMode):
-    """Bytes of the outputs selective checkpointing keeps: ops in SAVED_OPS while a checkpointed layer's
-    forward runs (``depth`` > 0), each storage once."""
+    """Bytes of the outputs selective checkpointing keeps, estimated by asking its policy
+    (``activation_checkpointing.selective_policy``, a fresh one per layer) about each local op of a
+    checkpointed layer's forward and counting the outputs it would keep, each storage once."""
 
     def __init__(self, kept: dict) -> None:
         super().__init__()
-        self.kept, self.depth = kept, 0
+        self.kept, self.policy = kept, None
+        self.ctx = SimpleNamespace(is_recompute=False)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if any(issubclass(t, DTensor) for t in types):
             return NotImplemented  # DTensor lowers itself to local ops first
         out = func(*args, **(kwargs or {}))
-        if self.depth and func in SAVED_OPS:
+        if self.policy is not None and self.policy(self.ctx, func, *args) == CheckpointPolicy.MUST_SAVE:
             for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
+                if type(t) is torch.Tensor:  # not the fake tensors DTensor propagates shapes with
                     self.kept[storage_key(t)] = True
         return out
 
@@ -141,10 +146,11 @@ def worker(mesh, name: str, model_name: str, options: dict, args: dict) -> dict:
                 for t in [*layer_args, *layer_kwargs.values()]:
                     if isinstance(t, torch.Tensor):  # what checkpointing keeps for the layer: its inputs
                         saved[storage_key(t)] = True
-                mode.depth += parallel.activation_checkpointing == "selective"
+                if parallel.activation_checkpointing == "selective":
+                    mode.policy = selective_policy()
 
             def leave(module, layer_args, output):
-                mode.depth -= parallel.activation_checkpointing == "selective"
+                mode.policy = None
 
             hooks += [layer.register_forward_pre_hook(enter, with_kwargs=True), layer.register_forward_hook(leave)]
     if device.type == "cuda":
@@ -155,7 +161,10 @@ def worker(mesh, name: str, model_name: str, options: dict, args: dict) -> dict:
         loss, _ = model.teacher_forced_loss(src, tgt[:, :-1], tgt[:, 1:], 0.1)
     for hook in hooks:
         hook.remove()
-    saved_bytes = sum(size for (_, size) in saved)
+    # The fused loss keeps its gradients (hidden states', this rank's rows of the output weight's) on its
+    # autograd node instead of saved tensors: what autograd would otherwise keep, the logits.
+    fused = [t for t in getattr(loss.grad_fn, "grads", None) or () if isinstance(t, torch.Tensor)]
+    saved_bytes = sum(size for (_, size) in saved) + nbytes(fused)
     loss.backward()
     collectives.reduce_partial_grads(model.parameters())
     optimizer.step()
@@ -251,7 +260,7 @@ def plot(results: dict[str, dict], path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("MiB per rank (the largest rank)")
     ax.set_title("Per-rank memory of one training step, by technique")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -3,9 +3,11 @@
 ``parallel.activation_checkpointing`` (docs/design.md, "Activation checkpointing"):
 
 - ``full``: a layer keeps only its input; backward runs its forward again first;
-- ``selective``: a layer keeps the outputs of its matrix products, attention kernels and collectives
-  (the expensive ops) and computes the cheap ones again (norms, activations, dropout, softmax,
-  additions), torch's selective checkpointing (``create_selective_checkpoint_contexts``).
+- ``selective``: a layer keeps the outputs of every other matrix product, of its attention kernels and
+  collectives, and computes the rest again (the other products, norms, activations, dropout,
+  additions): torch's selective checkpointing (``create_selective_checkpoint_contexts``) with
+  torchtitan's per-op policy. Keeping every product would keep more than no checkpointing does: a
+  product whose output backward does not need (o's, fc2's) would be kept as well.
 
 Each encoder and decoder layer's ``forward`` is wrapped (``torch.utils.checkpoint``, non-reentrant),
 inside the module's hooks, so FSDP2 gathers the parameters and the dropout streams are entered as
@@ -29,10 +31,11 @@ from mha_lightning.model.attention import observers_paused
 
 _aten = torch.ops.aten
 _c10d = torch.ops._c10d_functional
-# Kept under "selective": what is costly to compute again (the projections' matrix products, attention
-# kernels) or would send data again (the collectives sequence and tensor parallelism run inside a
-# layer). Not the batched products of attention over short sequences (``matmul_attention``): cheap,
-# and the softmax scales and masks its output in place, which would corrupt a kept copy.
+# Kept under "selective": what is costly to compute again (the projections' matrix products, every other
+# one of them, and attention kernels) or would send data again (the collectives sequence and tensor
+# parallelism run inside a layer). Not the batched products of attention over short sequences
+# (``matmul_attention``): cheap, and the softmax scales and masks its output in place, which would
+# corrupt a kept copy.
 SAVED_OPS = {
     _aten.mm.default,
     _aten.addmm.default,
@@ -46,8 +49,23 @@ SAVED_OPS = {
 }
 
 
-def _save_costly_ops(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+PRODUCTS = {_aten.mm.default, _aten.addmm.default}
+
+
+def selective_policy() -> Callable:
+    """A fresh policy for one layer's forward and its recomputation: SAVED_OPS kept, but of the matrix
+    products every other one (counted apart in the forward and the recomputation, which see the same
+    ops in the same order). ``policy(ctx, op, *args, **kwargs)`` -> keep or compute again."""
+    products = {False: 0, True: 0}
+
+    def policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+        if op in PRODUCTS:
+            products[ctx.is_recompute] += 1
+            if products[ctx.is_recompute] % 2 == 0:
+                return CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
 
 
 def _full_contexts():
@@ -55,7 +73,7 @@ def _full_contexts():
 
 
 def _selective_contexts():
-    forward, recompute = create_selective_checkpoint_contexts(_save_costly_ops)
+    forward, recompute = create_selective_checkpoint_contexts(selective_policy())
     return forward, _Both(recompute, observers_paused())
 
 

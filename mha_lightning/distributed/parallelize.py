@@ -111,8 +111,9 @@ def shard_head_gates(model: nn.Module, tp_rank: int, tp_size: int) -> None:
             attn.set_head_gate(attn.head_gate[..., heads.start : heads.stop])
 
 
-def describe_sharding(model: nn.Module, mesh: DeviceMesh | None) -> str:
-    """One line per rank: the mesh coordinates and which global heads of every layer it holds."""
+def describe_sharding(model: nn.Module, mesh: DeviceMesh | None, config: ParallelConfig | None = None) -> str:
+    """One line per rank: the mesh coordinates, which global heads of every layer it holds, and what else
+    ``config``'s techniques cut (the vocabulary's rows, the residual stream by position)."""
     num_heads = model.config.num_heads
     if mesh is None:
         return f"single device: all {num_heads} heads of every layer (0-{num_heads - 1})"
@@ -120,8 +121,14 @@ def describe_sharding(model: nn.Module, mesh: DeviceMesh | None) -> str:
     heads = head_layout(num_heads, r.tp_rank, r.tp_size)
     layers = {kind: len(mods) for kind, mods in model.attention_layers().items()}
     per_kind = ", ".join(f"{kind} x{n}" for kind, n in layers.items())
-    return (
+    line = (
         f"rank {dist.get_rank()}: mesh (dp={r.dp_size}, tp={r.tp_size}) at (dp_rank={r.dp_rank}, "
         f"tp_rank={r.tp_rank}); holds {len(heads)}/{num_heads} heads [{heads.start}-{heads.stop - 1}] of every "
         f"attention layer ({per_kind}) and 1/{r.tp_size} of every FFN"
     )
+    shard = getattr(model.vocabulary, "shard", None)
+    if shard is not None:
+        line += f"; vocabulary rows [{shard.offset}-{shard.offset + shard.rows - 1}] of {shard.vocab_size}"
+    if config is not None and config.sequence_parallel_on and r.tp_size > 1:
+        line += "; the residual stream by position (sequence parallel)"
+    return line
