@@ -113,7 +113,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             grad_w = torch.zeros(weight.shape, dtype=grad_dtype, device=w.device) if grads else None
             loss = hidden.new_empty(N, dtype=torch.float32)
             nll, argmax = torch.empty_like(loss), target.new_empty(N)
-            rows = _rows_per_block(hidden.device, weight.shape[0])
+            # The same blocks on every rank (their collectives pair up), whatever its share of an uneven split.
+            rows = _rows_per_block(hidden.device, -(-shard.vocab_size // shard.mesh.size()))
             for start in range(0, N, rows):
                 block = slice(start, start + rows)
                 x = (h[block] @ w.t()).float()  # (n, V_r): this rank's logits of the block

@@ -264,3 +264,26 @@ def test_bad_parallel_values_are_one_line_each():
     ParallelConfig(tensor_parallel_size=4, vocab_parallel=False).validate(
         {"num_heads": 4, "ffn_dim": 8, "vocab_size": 9}, 4, 1
     )
+
+
+def vp_blocks_worker(mesh: DeviceMesh) -> dict:
+    """The vocabulary-parallel loss over many blocks of tokens with an uneven split (11 and 10 rows): every
+    rank must cut the tokens into the same blocks, or their collectives would not pair up."""
+    from mha_lightning.distributed import vocab
+
+    vocab.CPU_BLOCK_ELEMENTS = 64  # 5 or 6 tokens a block, were each rank to count its own rows
+    model, reference = twin_models(mesh, config=layout(mesh, sequence_parallel=False), vocab_size=21)
+    batch = make_batch(6, seed=2)
+    out = {}
+    for name, m in (("sharded", model), ("reference", reference)):
+        loss, _ = loss_of(m, batch)
+        loss.backward()
+        out[name] = {"loss": loss.item(), "grads": full_grads(m)}
+    return out
+
+
+def test_vocabulary_parallel_loss_over_many_blocks_of_an_uneven_split(tmp_path):
+    for out in run_distributed(vp_blocks_worker, (1, 2), tmp_path):
+        assert out["sharded"]["loss"] == pytest.approx(out["reference"]["loss"], rel=1e-6)
+        for key, ref in out["reference"]["grads"].items():
+            torch.testing.assert_close(out["sharded"]["grads"][key], ref, atol=1e-6, rtol=1e-5, msg=key)
