@@ -388,7 +388,13 @@ def preflight(cfg: Any) -> RunPlan:
     if module.get("on_nonfinite", "stop") not in NONFINITE_POLICIES:
         raise ConfigError(f"module.on_nonfinite={module['on_nonfinite']!r} must be one of {list(NONFINITE_POLICIES)}")
     decoding = DecodingConfig.from_dict(module.get("decoding"))
-    CompileConfig.from_dict(module.get("compile"))
+    if CompileConfig.from_dict(module.get("compile")).enabled and tp > 1:
+        # Measured on torch 2.13: dynamo fails on the tensor-parallel regions (before sequence parallelism
+        # too: a RecursionError), so the run would stop at its first step (docs/design.md, "Compiling").
+        raise ConfigError(
+            f"module.compile.enabled=true needs parallel.tensor_parallel_size=1 (it is {tp}): torch.compile does "
+            "not build the tensor-parallel model yet; set module.compile.enabled=false"
+        )
     monitor = MonitorConfig.from_dict(c.get("monitor"))
     resume = _resume(c, model)
     if resume is not None:

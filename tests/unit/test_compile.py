@@ -102,6 +102,10 @@ def test_compile_schema_default_is_its_yaml(make_cfg):
         (["module.compile.mode=fastest"], "module.compile.mode='fastest' must be one of"),
         (["module.compile.enabled=maybe"], "module.compile.enabled must be true or false"),
         (["+module.compile.fullgraph=true"], "module.compile has no option 'fullgraph'"),
+        (
+            ["module.compile.enabled=true", "trainer.devices=2", "parallel.tensor_parallel_size=2"],
+            "module.compile.enabled=true needs parallel.tensor_parallel_size=1 (it is 2)",
+        ),
     ],
 )
 def test_preflight_names_a_bad_compile_value_in_one_line(make_cfg, overrides, needle):
