@@ -12,6 +12,7 @@ from pathlib import Path
 from helpers.runs import csv_train_rows, start_mha_train
 from helpers.wandb_offline import find_run_files, read_run_info
 from mha_lightning.checkpoints import newest_complete
+from mha_lightning.errors import DataError
 from mha_lightning.monitor.record import load_entropy_csv, record_path
 
 COMMON = [
@@ -23,7 +24,7 @@ COMMON = [
     "monitor.render_plots=false",
     "data.num_val=16",
     "data.num_test=16",
-    "trainer.val_check_interval=10",
+    "trainer.val_check_interval=20",
     "test=false",
     "model.dropout=0.1",
 ]
@@ -38,22 +39,33 @@ def finish(proc: subprocess.Popen) -> None:
     assert proc.returncode == 0, err[-3000:]
 
 
+def _logged_after_a_checkpoint(run: Path) -> bool:
+    """Whether the run has a complete checkpoint and entropy rows of a step after it."""
+    info, _ = newest_complete(run / "checkpoints")
+    if info is None or not record_path(run).exists():
+        return False
+    try:
+        table = load_entropy_csv(record_path(run))
+    except DataError:  # not written yet
+        return False
+    steps = table.step[table.split == "train"]
+    return len(steps) > 0 and int(steps.max()) > info.global_step
+
+
 def test_resume_auto_after_kill_9_continues_exactly_in_the_same_wandb_run(tmp_path):
     run = tmp_path / "run"
-    # Nothing to resume yet: resume=auto starts fresh. Killed once a checkpoint exists and a few
-    # steps (and entropy rows) were logged after it.
+    # Nothing to resume yet: resume=auto starts fresh. Killed once the first checkpoint (step 20) exists
+    # and entropy rows of a later step were logged after it: the next checkpoint is 15 steps away.
     proc = mha_train(run, "resume=auto", "trainer.max_steps=100000")
-    last = run / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not (last.exists() and max(csv_train_rows(run), default=0) >= 16):
-        time.sleep(0.2)
+    while time.monotonic() < deadline and not _logged_after_a_checkpoint(run):
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
-    # What resume=auto picks: the newest complete checkpoint (a kill between the step's top-k file and
-    # last.ckpt leaves last.ckpt a validation behind).
+    # What resume=auto picks: the newest complete checkpoint.
     info, _ = newest_complete(run / "checkpoints")
     resumed_at = info.global_step
-    assert resumed_at >= 10 and resumed_at % 10 == 0
+    assert resumed_at >= 20 and resumed_at % 20 == 0
     before = load_entropy_csv(record_path(run))
     assert int(before.step[before.split == "train"].max()) >= resumed_at  # rows the resume must not repeat
 
