@@ -98,6 +98,7 @@ class MonitorConfig:
     every_n_steps: int = 50  # measure the training batch every N optimizer steps
     collapse_threshold: float = 0.05  # warn when a head's normalised entropy falls below this
     probe: bool = True  # also measure a fixed validation probe set at each validation
+    importance: bool = True  # and every head's importance on it (one forward and backward of the probe set)
     log_images: bool = True  # layer x head heatmaps to W&B at each measurement
     render_plots: bool = True  # PNG curves and heatmaps in <run>/plots at the end of training
 

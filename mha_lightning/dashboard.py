@@ -8,7 +8,8 @@ layers and heads per attention kind, the monitor's settings):
 
 - per attention kind, one line plot per layer with every head as a line, raw entropy (nats) and normalised
   (and the validation probe's, when the monitor measures it);
-- the layer x head heatmaps, the collapse counts, and the training curves;
+- the layer x head heatmaps, the collapse counts, every head's importance on the probe set (a line per head,
+  a plot per layer), and the training curves;
 - for a sweep, a parallel-coordinates panel of the swept values against the objective, and the swept values'
   importance for it.
 
@@ -30,7 +31,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from mha_lightning.errors import ConfigError, DataError, UserError, exit_on_user_error, first_line
-from mha_lightning.kinds import ATTENTION_KINDS, collapse_key, entropy_key, heatmap_key
+from mha_lightning.kinds import ATTENTION_KINDS, collapse_key, entropy_key, heatmap_key, importance_key
 from mha_lightning.sweep_report import MULTIRUN_FILE, Sweep, read_sweep
 
 SPEC_FILE = "wandb_workspace.json"
@@ -176,6 +177,24 @@ def build_workspace(source: DashboardSource, entity: str = "", project: str | No
             for split in splits
         ]
         sections.append(ws.Section(name="Entropy collapse", panels=collapse, is_open=True))
+        if "val" in splits and monitor.get("importance", True):
+            importance = [
+                wr.LinePlot(
+                    title=f"{kind} L{layer}: importance, val probe set",
+                    x=STEP_KEY,
+                    y=[importance_key(kind, layer, head) for head in range(shape.num_heads)],
+                    title_y="mean |dL/d gate|",
+                    range_y=(0, None),
+                )
+                for kind in ATTENTION_KINDS
+                for layer in range(shape.layers(kind))
+            ]
+            layout = ws.SectionLayoutSettings(columns=max(shape.encoder_layers, shape.decoder_layers), rows=3)
+            sections.append(
+                ws.Section(
+                    name="Head importance (Michel et al.)", panels=importance, is_open=True, layout_settings=layout
+                )
+            )
     jobs = len(source.sweep.jobs) if source.sweep is not None else 1
     planned = source.sweep.planned if source.sweep is not None and source.sweep.planned else jobs
     return ws.Workspace(

@@ -41,6 +41,11 @@ def entropy_key(kind: str, layer: int, head: int, split: str = "train", normalis
     return f"{prefix}{'attn_entropy_norm' if normalised else 'attn_entropy'}/{Head(kind, layer, head)}"
 
 
+def importance_key(kind: str, layer: int, head: int, split: str = "val") -> str:
+    """The logged key of one head's importance on the probe set: ``val_head_importance/cross/L1/H3``."""
+    return f"{split}_head_importance/{Head(kind, layer, head)}"
+
+
 def collapse_key(split: str, kind: str) -> str:
     """The logged count of ``kind``'s heads under the collapse threshold."""
     return f"attn_collapse/{split}/{kind}"

@@ -1,4 +1,5 @@
-"""mha-analyze's cost against one validation run of the same model on the same examples (issue 11: <= 2x).
+"""mha-analyze's cost against one validation run of the same model on the same examples, and the monitor's
+per-validation probe (entropy, importance) against it too.
 
     python scripts/bench_analyze.py --train-steps 300            # trains `small` on reverse first, then times
     python scripts/bench_analyze.py --ckpt logs/train/runs/<time>/checkpoints/last.ckpt --examples 1000
@@ -13,7 +14,12 @@ on odd rounds) so machine noise hits all alike; the median over rounds is report
 - **analysis**: ``mha-analyze``'s work with conf/analyze.yaml's defaults: the statistics pass (importance,
   entropy, confidence, similarity, alignment, maps), the pruning curves and ablations, and the report
   (PNGs, report.md);
-- **analysis, no pruning**: the same with ``prune.enabled=false``.
+- **analysis, no pruning**: the same with ``prune.enabled=false`` (target: <= 3x validation);
+- **teacher-forced pass** and **pruning**: one teacher-forced pass over the pruning examples with no head
+  removed, and the pruning curves, ablations and single-head removals (``run.prune``, ``run.single_heads``),
+  reported per mask scored (target: <= 1.5x the pass);
+- **probe entropy** and **probe importance**: what the monitor adds to each validation, on the probe set
+  (the split's first ``data.probe_size`` examples).
 
 Writes a table and ``bench_out/bench_analyze.json``. Process start-up and loading the checkpoint are
 left out of all contenders (the same for each).
@@ -33,8 +39,13 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf, open_dict
 
+from mha_lightning.analysis.heads import measure_heads
 from mha_lightning.analysis.report import render
-from mha_lightning.analysis.run import analyze_model, load, write
+from mha_lightning.analysis.run import analyze_model, batches, load, prune, single_heads, write
+from mha_lightning.analysis.scoring import TaskScorer
+from mha_lightning.model import ProbingCore
+from mha_lightning.monitor.entropy import HeadEntropyAccumulator
+from mha_lightning.monitor.importance import probe_importance
 
 
 def train_checkpoint(model: str, steps: int, examples: int, out: Path) -> Path:
@@ -117,7 +128,54 @@ def main() -> None:
 
         return run
 
-    contenders = {"validation": validation, **{name: analysis(cfg) for name, cfg in configs.items()}}
+    model, heads = module.model, module.model.config.num_heads
+    prune_cfg = configs["analysis"]["prune"]
+    prune_pairs = pairs[: prune_cfg["examples"] or len(pairs)]
+    stats, _ = measure_heads(model, batches(pairs, 64, 0), local_heads=heads, progress=False)
+    masks_scored = []
+
+    class CountingScorer(TaskScorer):
+        def scores(self, masks):
+            masks_scored.append(len(masks))
+            return super().scores(masks)
+
+        def token_losses(self, masks):
+            masks_scored.append(len(masks))
+            return super().token_losses(masks)
+
+    def scorer(cls=TaskScorer):
+        return cls(module, data, prune_pairs, 64, range(heads), fixed=model.config.masked_heads(), progress=False)
+
+    def teacher_forced_pass() -> dict:
+        return {"metric": scorer().scores([[]])[0]}
+
+    def pruning() -> dict:
+        masks_scored.clear()
+        counting, masked = scorer(CountingScorer), model.config.masked_heads()
+        out = prune(stats, counting, masked, prune_cfg)
+        single_heads(stats, counting, masked, bool(prune_cfg["single_heads_metric"]))
+        return {"masks": sum(masks_scored), "removable": out["removable"]["importance"]}
+
+    probe = {k: v for k, v in data.probe_batch().items()}
+
+    def probe_entropy() -> dict:
+        model.eval()
+        with torch.no_grad(), model.attention_core(lambda kind, layer: ProbingCore(HeadEntropyAccumulator(heads))):
+            model(probe["src"], probe["tgt_in"])
+        return {}
+
+    def probe_heads_importance() -> dict:
+        model.eval()
+        return {"heads": sum(v.size for v in probe_importance(model, probe, heads, 0, 1).values())}
+
+    contenders = {
+        "validation": validation,
+        **{name: analysis(cfg) for name, cfg in configs.items()},
+        "teacher-forced pass": teacher_forced_pass,
+        "pruning": pruning,
+        "probe entropy": probe_entropy,
+        "probe importance": probe_heads_importance,
+    }
     times: dict[str, list[float]] = {name: [] for name in contenders}
     outputs: dict[str, dict] = {}
     for round_ in range(args.rounds):
@@ -133,6 +191,9 @@ def main() -> None:
     rows = {
         name: {"seconds": median[name], "rounds": times[name], "vs_validation": median[name] / base} for name in times
     }
+    masks = outputs["pruning"]["masks"]
+    per_mask = median["pruning"] / masks / median["teacher-forced pass"]
+    rows["pruning"]["masks"], rows["pruning"]["per_mask_vs_teacher_forced_pass"] = masks, per_mask
     pruning = outputs["analysis"]["pruning"]
     result = {
         "checkpoint": str(ckpt),
@@ -148,6 +209,7 @@ def main() -> None:
     print(f"{'contender':<24} {'seconds':>9} {'vs validation':>14}")
     for name, row in rows.items():
         print(f"{name:<24} {row['seconds']:>9.1f} {row['vs_validation']:>13.2f}x")
+    print(f"pruning: {masks} masks scored, {per_mask:.2f}x one teacher-forced pass per mask")
     print(f"wrote {args.out}")
 
 

@@ -37,8 +37,14 @@ def check(cfg: dict[str, Any]) -> None:
     for key, (value, least) in minimum.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ConfigError(f"{key} must be an integer of at least {least}, got {value!r}")
-    if not 0.0 <= float(prune["tolerance"]) < 1.0:
-        raise ConfigError(f"prune.tolerance must be in [0, 1), got {prune['tolerance']!r}")
+    for key in ("tolerance", "wide_tolerance"):
+        if not 0.0 <= float(prune[key]) < 1.0:
+            raise ConfigError(f"prune.{key} must be in [0, 1), got {prune[key]!r}")
+    roles = cfg["roles"]
+    for key in ("positional", "sink", "rare", "diffuse", "monotone", "diagonal_width"):
+        value = roles[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < float(value) <= 1.0:
+            raise ConfigError(f"roles.{key} must be a number in (0, 1], got {value!r}")
 
 
 def run(cfg: DictConfig) -> Path:

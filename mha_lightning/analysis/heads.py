@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from mha_lightning.analysis.roles import SHARES, RoleCounts, RoleInputs
 from mha_lightning.data.vocab import PAD_ID
 from mha_lightning.kinds import ATTENTION_KINDS
 from mha_lightning.model import AttentionMask, ProbingCore
@@ -59,8 +60,11 @@ def js_distance(probs: Tensor) -> Tensor:
 class HeadObserver:
     """The attention observer of one attention module (through ``ProbingCore``): sums per head."""
 
-    def __init__(self, num_heads: int, gather: GatherHeads = _whole, similarity: bool = True) -> None:
+    def __init__(
+        self, num_heads: int, gather: GatherHeads = _whole, similarity: bool = True, roles: RoleCounts | None = None
+    ) -> None:
         self.num_heads = num_heads
+        self.roles = roles
         self.gather = gather
         self.similarity = similarity
         self.entropy = HeadEntropyAccumulator(num_heads)
@@ -83,6 +87,8 @@ class HeadObserver:
         top, argmax = probs.max(-1)  # (B, H, Tq)
         self.confidence += torch.where(keep, top.double(), 0.0).sum((0, 2)).cpu()
         self.queries += int(valid.sum())
+        if self.roles is not None:
+            self.roles.update(argmax, valid, mask.key_counts(), probs.shape[-1])
         if self.similarity:
             self.js += torch.where(keep.unsqueeze(1), js_distance(probs).double(), 0.0).sum((0, 3)).cpu()
         if self.gold is not None:
@@ -107,6 +113,8 @@ class HeadStatistics:
     confidence: dict[str, np.ndarray] = field(default_factory=dict)
     js: dict[str, np.ndarray] = field(default_factory=dict)
     alignment: dict[str, np.ndarray] = field(default_factory=dict)  # cross-attention, on aligned tasks only
+    # kind -> share name (``roles.SHARES``) -> (layers, heads): the evidence for each head's roles.
+    roles_share: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
     PER_HEAD = ("importance", "importance_norm", "entropy", "entropy_norm", "confidence", "alignment")
 
@@ -115,6 +123,10 @@ class HeadStatistics:
         out: dict = {"examples": self.examples}
         for name in (*self.PER_HEAD, "js"):
             out[name] = {kind: np.asarray(v).tolist() for kind, v in getattr(self, name).items()}
+        out["roles_share"] = {
+            kind: {name: np.asarray(v).tolist() for name, v in shares.items()}
+            for kind, shares in self.roles_share.items()
+        }
         return out
 
 
@@ -128,6 +140,36 @@ def example_losses(logits: Tensor, target: Tensor) -> Tensor:
     """(B, T, V) logits, (B, T) target -> (B,) each example's mean token cross-entropy (no smoothing)."""
     tokens = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=PAD_ID, reduction="none")
     return tokens.sum(1) / (target != PAD_ID).sum(1).clamp(min=1)
+
+
+def gate_importance(model, batch: dict[str, Tensor], local_heads: int) -> dict[str, Tensor]:
+    """Michel et al.'s importance summed over the batch's examples: kind -> (layers, local_heads) sums of
+    |dL_x / d gate_h|, one forward and one backward (into the gates only: no parameter gets a gradient).
+
+    A gate of ones on every head of this rank multiplies the gate the model already has (``head_mask``),
+    which is back afterwards. Under tensor parallelism the caller places the local heads globally."""
+    attention = model.attention_layers()
+    fixed = {kind: [attn.head_gate for attn in mods] for kind, mods in attention.items()}
+    B, device = batch["src"].shape[0], batch["src"].device
+    gates = {}
+    try:
+        for kind, mods in attention.items():
+            for layer, attn in enumerate(mods):
+                gate = torch.ones(B, local_heads, device=device, requires_grad=True)
+                gates[kind, layer] = gate
+                base = fixed[kind][layer]
+                attn.set_head_gate(gate if base is None else gate * base)
+        with torch.enable_grad():
+            loss = example_losses(model(batch["src"], batch["tgt_in"]), batch["tgt_out"]).sum()
+            grads = torch.autograd.grad(loss, list(gates.values()))
+    finally:
+        for kind, mods in attention.items():
+            for attn, base in zip(mods, fixed[kind], strict=True):
+                attn.set_head_gate(base)
+    sums = {kind: torch.zeros(len(mods), local_heads, device=device) for kind, mods in attention.items()}
+    for (kind, layer), grad in zip(gates, grads, strict=True):
+        sums[kind][layer] = grad.detach().abs().sum(0)
+    return sums
 
 
 def gold_positions(batch: dict[str, Tensor], examples: list, alignment: Callable) -> Tensor | None:
@@ -150,6 +192,7 @@ def measure_heads(
     alignment: Callable | None = None,
     similarity: bool = True,
     capture: int = 0,
+    roles: RoleInputs | None = None,
     progress: bool = True,
 ) -> tuple[HeadStatistics, dict[str, list[Tensor]]]:
     """One forward and backward per batch -> (statistics, maps of the first ``capture`` examples).
@@ -157,42 +200,34 @@ def measure_heads(
     ``batches`` yields (collated batch, its (src, tgt) examples). Under tensor parallelism this
     rank holds ``local_heads`` heads of each attention and ``gather`` collects all of them;
     importance is gathered the same way, so every rank returns the whole model's numbers.
-    ``maps``: kind -> per layer (n, H, Tq, Tk)."""
+    ``maps``: kind -> per layer (n, H, Tq, Tk). ``roles``: count the evidence for head roles (``roles``)."""
     attention = model.attention_layers()
     num_heads = model.config.num_heads
-    observers = {kind: [HeadObserver(num_heads, gather, similarity) for _ in mods] for kind, mods in attention.items()}
+
+    def observer(kind: str) -> HeadObserver:
+        counts = None if roles is None else RoleCounts(num_heads, kind, roles.diagonal_width)
+        return HeadObserver(num_heads, gather, similarity, counts)
+
+    observers = {kind: [observer(kind) for _ in mods] for kind, mods in attention.items()}
     importance = {kind: torch.zeros(len(mods), num_heads, dtype=torch.float64) for kind, mods in attention.items()}
-    fixed = {kind: [attn.head_gate for attn in mods] for kind, mods in attention.items()}  # model.head_mask
     examples = 0
     model.eval()
     device = next(model.parameters()).device
     with model.attention_core(lambda kind, layer: ProbingCore(observers[kind][layer])):
-        try:
-            for n, (batch, pairs) in enumerate(tqdm(batches, desc="heads", unit="batch", disable=not progress)):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                B = batch["src"].shape[0]
-                gold = gold_positions(batch, pairs, alignment) if alignment is not None else None
-                gold = gold.to(device) if gold is not None else None
-                gates = {}
-                for kind, mods in attention.items():
-                    for layer, attn in enumerate(mods):
-                        gate = torch.ones(B, local_heads, device=device, requires_grad=True)
-                        gates[kind, layer] = gate
-                        base = fixed[kind][layer]
-                        attn.set_head_gate(gate if base is None else gate * base)
-                        observers[kind][layer].gold = gold if kind == "cross" else None
-                        observers[kind][layer].capture = capture if n == 0 else 0
-                with torch.enable_grad():
-                    loss = example_losses(model(batch["src"], batch["tgt_in"]), batch["tgt_out"]).sum()
-                    grads = torch.autograd.grad(loss, list(gates.values()))
-                for (kind, layer), grad in zip(gates, grads, strict=True):
-                    local = grad.detach().abs().sum(0)  # (H_local,) summed over examples
-                    importance[kind][layer] += gather(local.view(1, -1)).view(-1).double().cpu()
-                examples += B
-        finally:
+        for n, (batch, pairs) in enumerate(tqdm(batches, desc="heads", unit="batch", disable=not progress)):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            gold = gold_positions(batch, pairs, alignment) if alignment is not None else None
+            gold = gold.to(device) if gold is not None else None
+            marks = roles.marks(batch) if roles is not None else {}
             for kind, mods in attention.items():
-                for attn, base in zip(mods, fixed[kind], strict=True):
-                    attn.set_head_gate(base)
+                for layer in range(len(mods)):
+                    observers[kind][layer].gold = gold if kind == "cross" else None
+                    observers[kind][layer].capture = capture if n == 0 else 0
+                    if roles is not None:
+                        observers[kind][layer].roles.sink, observers[kind][layer].roles.rare = marks[kind]
+            for kind, sums in gate_importance(model, batch, local_heads).items():
+                importance[kind] += gather(sums).double().cpu()  # (layers, H_local) -> (layers, H)
+            examples += batch["src"].shape[0]
     stats = HeadStatistics(examples=examples)
     maps: dict[str, list[Tensor]] = {}
     for kind in ATTENTION_KINDS:
@@ -207,6 +242,9 @@ def measure_heads(
             stats.js[kind] = torch.stack([o.js / max(o.queries, 1) for o in obs]).numpy()
         if alignment is not None and kind == "cross" and obs[0].aligned_queries:
             stats.alignment[kind] = torch.stack([o.aligned / o.aligned_queries for o in obs]).numpy()
+        if roles is not None:
+            shares = [o.roles.shares() for o in obs]
+            stats.roles_share[kind] = {name: np.stack([s[name] for s in shares]) for name in SHARES}
         if capture:
             maps[kind] = [o.maps for o in obs]
     return stats, maps

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from matplotlib.transforms import blended_transform_factory
 
+from mha_lightning.analysis.roles import ROLES, SHARES
 from mha_lightning.analysis.run import MAPS_FILE, RESULTS_FILE
 from mha_lightning.kinds import ATTENTION_KINDS, Head
 from mha_lightning.monitor.plots import figure_to_png, heatmap_panel, new_figure
@@ -23,18 +24,45 @@ from mha_lightning.monitor.plots import figure_to_png, heatmap_panel, new_figure
 HEADS_CSV = "heads.csv"
 REPORT = "report.md"
 HEAD_COLUMNS = ("importance", "importance_norm", "entropy", "entropy_norm", "confidence", "alignment")
+# From removing each head alone (results["single_heads"]), where measured.
+REMOVAL_COLUMNS = ("removal_loss_rise", "removal_metric_drop")
+# A head's roles and their evidence (results["roles"], statistics["roles_share"]), where measured.
+ROLE_COLUMNS = ("roles", *SHARES)
+# What each role's evidence is, for the report's table.
+ROLE_EVIDENCE = {
+    "positional": ("previous", "same", "next"),
+    "sink": ("sink",),
+    "rare": ("rare",),
+    "diffuse": ("entropy_norm",),
+    "monotone": ("diagonal",),
+    "alignment": ("alignment",),
+}
 
 
-def head_rows(stats: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per head: its name and every per-head statistic (alignment empty where not measured)."""
+def head_rows(
+    stats: dict[str, Any], single: dict[str, Any] | None = None, roles: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """One row per head: its name, every per-head statistic (alignment empty where not measured), what
+    removing it alone cost (empty where not measured, or for a head ``model.head_mask`` removed), and its
+    roles with their evidence (empty where not measured or not applying to its kind)."""
+    single = single or {}
+    shares = stats.get("roles_share", {})
+    rise = dict(zip(single.get("heads", []), single.get("loss_rise", []), strict=True))
+    drop = dict(zip(single.get("heads", []), single.get("metric_drop", []), strict=False))
     rows = []
     for kind in ATTENTION_KINDS:
         for layer, values in enumerate(stats["importance"][kind]):
             for head in range(len(values)):
-                row: dict[str, Any] = {"head": str(Head(kind, layer, head))}
+                name = str(Head(kind, layer, head))
+                row: dict[str, Any] = {"head": name}
                 for col in HEAD_COLUMNS:
                     table = stats[col].get(kind)
                     row[col] = float(table[layer][head]) if table is not None else None
+                row["removal_loss_rise"], row["removal_metric_drop"] = rise.get(name), drop.get(name)
+                row["roles"] = " ".join(roles[kind][layer][head]) if roles else None
+                for share in SHARES:
+                    value = shares[kind][share][layer][head] if kind in shares else None
+                    row[share] = None if value is None or np.isnan(value) else float(value)
                 rows.append(row)
     return rows
 
@@ -116,7 +144,15 @@ def _pruning_figure(pruning: dict[str, Any]):
         ax.plot(points, randoms.mean(0), color="grey", marker=".", label=f"random (mean of {len(randoms)})")
     ax.plot(points, curves["importance"], marker="o", label="least important first")
     ax.plot(points, curves["entropy"], marker="s", label="most diffuse (entropy) first")
-    ax.axhline(pruning["baseline"] * (1 - pruning["tolerance"]), color="black", lw=0.8, ls="--", label="1% below full")
+    for tolerance, style in ((pruning["tolerance"], "--"), (pruning.get("wide_tolerance"), ":")):
+        if tolerance is not None:
+            ax.axhline(
+                pruning["baseline"] * (1 - tolerance),
+                color="black",
+                lw=0.8,
+                ls=style,
+                label=f"{tolerance:.0%} below full",
+            )
     ax.set_xlabel("heads removed")
     ax.set_ylabel(pruning["metric"])
     ax.set_title("Pruning curve")
@@ -169,9 +205,9 @@ def render(out: Path, token_text=None) -> Path:
     ``token_text(id) -> str`` labels map axes (default: the id)."""
     results = json.loads((out / RESULTS_FILE).read_text())
     stats = results["statistics"]
-    rows = head_rows(stats)
+    rows = head_rows(stats, results.get("single_heads"), results.get("roles"))
     with (out / HEADS_CSV).open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["head", *HEAD_COLUMNS])
+        writer = csv.DictWriter(f, fieldnames=["head", *HEAD_COLUMNS, *REMOVAL_COLUMNS, *ROLE_COLUMNS])
         writer.writeheader()
         writer.writerows(rows)
     figure_to_png(_heads_figure(stats), out / "heads.png")
@@ -207,6 +243,37 @@ def _fmt(v: float | None) -> str:
     return "" if v is None else f"{v:.3f}"
 
 
+def _roles_section(rows: list[dict]) -> list[str]:
+    """How many heads of each kind have each role, and the clearest examples with their evidence."""
+    lines = [
+        "",
+        "## What the heads do",
+        "",
+        "Roles as Voita et al. (2019) found them in translation models, from where each head's largest weight "
+        "falls (shares of queries; thresholds in `roles` of the analysis config; a head may have several or none). "
+        "Every head's shares are in `heads.csv`.",
+        "",
+        "| role | " + " | ".join(ATTENTION_KINDS) + " | clearest heads (evidence) |",
+        "|---|" + "---|" * len(ATTENTION_KINDS) + "---|",
+    ]
+
+    def evidence(row: dict, role: str) -> float:
+        return max((row[name] for name in ROLE_EVIDENCE[role] if row.get(name) is not None), default=0.0)
+
+    for role in ROLES:
+        having = [r for r in rows if role in (r["roles"] or "").split()]
+        counts = [sum(r["head"].startswith(kind + "/") for r in having) for kind in ATTENTION_KINDS]
+        clearest = sorted(having, key=lambda r: -evidence(r, role))[:3]
+        shown = ", ".join(f"{r['head']} ({evidence(r, role):.0%})" for r in clearest) or "none"
+        lines.append(f"| {role} | " + " | ".join(map(str, counts)) + f" | {shown} |")
+    chance = [r["rare_chance"] for r in rows if r.get("rare_chance") is not None]
+    if chance:
+        lines += ["", f"A head attending at random would land on the rarest token {np.mean(chance):.0%} of the time."]
+    none = sum(not r["roles"] for r in rows)
+    lines += ["", f"{none} of {len(rows)} heads have none of these roles."]
+    return lines
+
+
 def _markdown(results: dict, rows: list[dict], images, map_images) -> str:
     stats = results["statistics"]
     m = results["model"]
@@ -220,20 +287,43 @@ def _markdown(results: dict, rows: list[dict], images, map_images) -> str:
         + ".",
         "",
     ]
-    top = sorted(rows, key=lambda r: -(r["importance_norm"] or 0.0))[:5]
+    # Ranked by the raw importance: it predicts what removing a head costs (the normalised value serves
+    # pruning across layers, where Michel et al. use it; "Does importance predict a head's effect?").
+    top = sorted(rows, key=lambda r: -(r["importance"] or 0.0))[:5]
     lines += [
         "## The heads that matter",
         "",
-        "Importance is the mean over examples of |dL/d gate| (Michel et al. 2019), normalised per layer.",
+        "Importance is the mean over examples of |dL/d gate| (Michel et al. 2019); normalised: per layer (L2).",
         "",
-        "| head | importance | normalised | confidence | entropy (norm.) | alignment |",
-        "|---|---|---|---|---|---|",
+        "| head | importance | normalised | loss rise removed alone | confidence | entropy (norm.) | alignment |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in top:
         lines.append(
-            f"| {r['head']} | {_fmt(r['importance'])} | {_fmt(r['importance_norm'])} | {_fmt(r['confidence'])} | "
-            f"{_fmt(r['entropy_norm'])} | {_fmt(r['alignment'])} |"
+            f"| {r['head']} | {_fmt(r['importance'])} | {_fmt(r['importance_norm'])} | "
+            f"{_fmt(r['removal_loss_rise'])} | {_fmt(r['confidence'])} | {_fmt(r['entropy_norm'])} | "
+            f"{_fmt(r['alignment'])} |"
         )
+    single = results.get("single_heads")
+    if single:
+        loss_r = single["spearman_loss_rise"]
+        lines += [
+            "",
+            "## Does importance predict a head's effect?",
+            "",
+            f"Each of the {len(single['heads'])} heads removed alone, the teacher-forced token loss scored on the "
+            f"same examples (full model: {single['loss']:.4f}). Spearman's rank correlation with the rise:",
+            "",
+            "| ranked by | loss rise | " + (f"{single['metric']} drop |" if "metric_drop" in single else ""),
+            "|---|---|" + ("---|" if "metric_drop" in single else ""),
+        ]
+        for name, label in (
+            ("importance", "importance"),
+            ("importance_norm", "importance, normalised per layer"),
+            ("entropy_norm", "normalised entropy"),
+        ):
+            cell = f" {single['spearman_metric_drop'][name]:.2f} |" if "metric_drop" in single else ""
+            lines.append(f"| {label} | {loss_r[name]:.2f} |{cell}")
     if stats.get("alignment"):
         best = max((r for r in rows if r["alignment"] is not None), key=lambda r: r["alignment"])
         lines += [
@@ -241,6 +331,8 @@ def _markdown(results: dict, rows: list[dict], images, map_images) -> str:
             f"Best-aligned cross-attention head: {best['head']}, argmax on the gold source position "
             f"{best['alignment']:.1%} of the time.",
         ]
+    if results.get("roles"):
+        lines += _roles_section(rows)
     pairs = similar_pairs(stats)
     if pairs:
         lines += ["", "## The heads that look alike", ""]
@@ -262,7 +354,13 @@ def _markdown(results: dict, rows: list[dict], images, map_images) -> str:
             f"**{pruning['removable']['importance']} of {total}** can go before the metric falls more than "
             f"{pruning['tolerance']:.0%} (by entropy: {pruning['removable']['entropy']}; random orders: "
             f"{', '.join(map(str, randoms))}, counted at the measured points {pruning['points']}; the importance "
-            "order's count is exact, bisected between them).",
+            "order's count is exact, bisected between them)"
+            + (
+                f"; within {pruning['wide_tolerance']:.0%}: {pruning['removable_wide']['importance']}"
+                if "removable_wide" in pruning
+                else ""
+            )
+            + ".",
             "",
             f"Removing only the most important head ({abl['most_important']['head']}): "
             f"{abl['most_important']['metric']:.4f}; only the least important ({abl['least_important']['head']}): "
@@ -270,6 +368,12 @@ def _markdown(results: dict, rows: list[dict], images, map_images) -> str:
             "",
             "![pruning curve](pruning.png)",
         ]
+        if "removable_by_kind" in pruning:
+            kinds = ", ".join(f"{kind} {n}" for kind, n in pruning["removable_by_kind"].items())
+            lines += [
+                "",
+                f"The heads that can go, by kind: {kinds}; the first removed: {', '.join(pruning['first_removed'])}.",
+            ]
         if pruning["baseline"] <= 0:
             lines += ["", f"**The full model scores 0 {pruning['metric']}: these counts say nothing; train longer.**"]
     lines += ["", "## Pictures", ""]

@@ -19,11 +19,19 @@ import torch
 from torch import Tensor
 
 from mha_lightning.analysis.heads import HeadStatistics, measure_heads
-from mha_lightning.analysis.pruning import curve_points, prunable, random_order, ranked_heads, refine_removable
+from mha_lightning.analysis.pruning import (
+    curve_points,
+    prunable,
+    random_order,
+    ranked_heads,
+    refine_removable,
+    spearman,
+)
+from mha_lightning.analysis.roles import RoleInputs, head_roles, punctuation_ids
 from mha_lightning.analysis.scoring import TaskScorer
 from mha_lightning.data.batching import collate
 from mha_lightning.errors import ConfigError
-from mha_lightning.kinds import Head
+from mha_lightning.kinds import ATTENTION_KINDS, Head
 
 RESULTS_FILE = "results.json"
 MODEL_KEYS = ("d_model", "num_heads", "head_dim", "num_encoder_layers", "num_decoder_layers", "head_mask")
@@ -65,12 +73,15 @@ def prune(stats: HeadStatistics, scorer: TaskScorer, masked: list[Head], cfg: di
     baseline, values = values[0], iter(values[1:])
     curves = {name: [baseline if k == 0 else next(values) for k in points] for name in orders}
     most, least = next(values), next(values)
-    tolerance = float(cfg["tolerance"])
-    removable = {name: prunable(points, curve, baseline, tolerance) for name, curve in curves.items()}
-    # The headline number (least important first) to the exact head, between the measured points.
-    removable["importance"] = refine_removable(
-        lambda ks: scorer.scores([order[:k] for k in ks]), points, curves["importance"], baseline, tolerance
-    )
+    removable, wide = {}, {}
+    for tolerance, counts in ((float(cfg["tolerance"]), removable), (float(cfg["wide_tolerance"]), wide)):
+        counts.update({name: prunable(points, curve, baseline, tolerance) for name, curve in curves.items()})
+        # The headline number (least important first) to the exact head, between the measured points.
+        counts["importance"] = refine_removable(
+            lambda ks: scorer.scores([order[:k] for k in ks]), points, curves["importance"], baseline, tolerance
+        )
+    first = order[: removable["importance"]]  # the heads that can go at the tolerance, by kind
+    by_kind = {kind: sum(h.kind == kind for h in first) for kind in ATTENTION_KINDS}
     return {
         "metric": scorer.name,
         "baseline": baseline,
@@ -79,11 +90,35 @@ def prune(stats: HeadStatistics, scorer: TaskScorer, masked: list[Head], cfg: di
         "orders": {name: [str(h) for h in heads] for name, heads in orders.items()},
         "curves": curves,
         "removable": removable,
+        "wide_tolerance": float(cfg["wide_tolerance"]),
+        "removable_wide": wide,
+        "removable_by_kind": by_kind,
+        "first_removed": [str(h) for h in order[:10]],
         "ablation": {
             "most_important": {"head": str(order[-1]), "metric": most},
             "least_important": {"head": str(order[0]), "metric": least},
         },
     }
+
+
+def single_heads(stats: HeadStatistics, scorer: TaskScorer, masked: list[Head], with_metric: bool) -> dict[str, Any]:
+    """Each head removed alone: the rise in teacher-forced token loss (and the task metric, where asked or
+    cheap), and how well each importance ranks the heads as their removal does (Spearman)."""
+    heads = ranked_heads(stats.importance, skip=masked)
+    losses = scorer.token_losses([[], *[[h] for h in heads]])
+    base, rise = losses[0], [loss - losses[0] for loss in losses[1:]]
+    value = {
+        name: {str(h): float(getattr(stats, name)[h.kind][h.layer][h.head]) for h in heads}
+        for name in ("importance", "importance_norm", "entropy_norm")
+    }
+    out: dict[str, Any] = {"heads": [str(h) for h in heads], "loss": base, "loss_rise": rise}
+    out["spearman_loss_rise"] = {name: spearman([v[str(h)] for h in heads], rise) for name, v in value.items()}
+    if with_metric or scorer.teacher_forced:
+        metric = scorer.scores([[], *[[h] for h in heads]])
+        drop = [metric[0] - m for m in metric[1:]]
+        out.update(metric=scorer.name, baseline=metric[0], metric_drop=drop)
+        out["spearman_metric_drop"] = {name: spearman([v[str(h)] for h in heads], drop) for name, v in value.items()}
+    return out
 
 
 def analyze_model(module, data, pairs: list, cfg: dict[str, Any], *, tp_rank: int = 0, tp_size: int = 1, gather=None):
@@ -94,6 +129,12 @@ def analyze_model(module, data, pairs: list, cfg: dict[str, Any], *, tp_rank: in
     masked = model.config.masked_heads()
     alignment = getattr(data, "alignment", None)
     has_alignment = alignment is not None and pairs and alignment(pairs[0][0]) is not None
+    roles = cfg["roles"]
+    role_inputs = None
+    if roles["enabled"]:
+        tokenizer = getattr(data, "tokenizer", None)
+        punctuation = punctuation_ids(tokenizer) if tokenizer is not None else set()
+        role_inputs = RoleInputs(pairs, data.vocab_size, punctuation, float(roles["diagonal_width"]))
     stats, maps = measure_heads(
         model,
         batches(pairs, int(cfg["batch_size"]), int(cfg["maps"]["examples"])),
@@ -102,6 +143,7 @@ def analyze_model(module, data, pairs: list, cfg: dict[str, Any], *, tp_rank: in
         alignment=alignment if has_alignment else None,
         similarity=bool(cfg["similarity"]),
         capture=int(cfg["maps"]["examples"]),
+        roles=role_inputs,
         progress=tp_rank == 0,
     )
     results: dict[str, Any] = {
@@ -111,11 +153,15 @@ def analyze_model(module, data, pairs: list, cfg: dict[str, Any], *, tp_rank: in
         "tensor_parallel_size": tp_size,
         "statistics": stats.to_dict(),
     }
+    if role_inputs is not None:
+        results["roles"] = head_roles(results["statistics"], roles)
     if cfg["prune"]["enabled"]:
         n = cfg["prune"]["examples"] or len(pairs)
         heads = head_layout(model.config.num_heads, tp_rank, tp_size)
         scorer = TaskScorer(module, data, pairs[:n], int(cfg["batch_size"]), heads, fixed=masked, progress=tp_rank == 0)
         results["pruning"] = prune(stats, scorer, masked, cfg["prune"])
+        if cfg["prune"]["single_heads"]:
+            results["single_heads"] = single_heads(stats, scorer, masked, bool(cfg["prune"]["single_heads_metric"]))
     example_maps = {"pairs": pairs[: int(cfg["maps"]["examples"])], "maps": maps}
     return results, example_maps
 

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
@@ -100,6 +101,34 @@ class TaskScorer:
         if self.teacher_forced:
             return [float(np.mean(h)) for h in hits]
         return [self._score(h) for h in hyps]
+
+    @torch.no_grad()
+    def token_losses(self, masks: Sequence[Sequence[Head]]) -> list[float]:
+        """The teacher-forced cross-entropy per target token (no smoothing) without each mask's heads, one
+        number per mask: masks batched side by side as :meth:`scores` does, one forward per pass."""
+        attention = self.module.model.attention_layers()
+        saved = {kind: [attn.head_gate for attn in mods] for kind, mods in attention.items()}
+        nll, tokens = [0.0] * len(masks), 0
+        chunks = [self.pairs[i : i + self.batch_size] for i in range(0, len(self.pairs), self.batch_size)]
+        try:
+            for chunk in chunks:
+                batch = {k: v.to(self.module.device) for k, v in collate(chunk).items()}
+                tokens += int((batch["tgt_out"] != PAD_ID).sum())
+                per_pass = max(1, ROWS_PER_PASS // len(chunk))
+                for first in range(0, len(masks), per_pass):
+                    group = masks[first : first + per_pass]
+                    self._set_gates(attention, group, len(chunk))
+                    src, tgt_in, tgt_out = (batch[k].repeat(len(group), 1) for k in ("src", "tgt_in", "tgt_out"))
+                    logits = self.module.model(src, tgt_in).float()  # (masks * B, T, V)
+                    rows = F.cross_entropy(logits.transpose(1, 2), tgt_out, ignore_index=PAD_ID, reduction="none")
+                    for i, total in enumerate(rows.sum(1).view(len(group), -1).sum(1).tolist()):
+                        nll[first + i] += total
+                    self.passes += 1
+        finally:
+            for kind, mods in attention.items():
+                for attn, gate in zip(mods, saved[kind], strict=True):
+                    attn.set_head_gate(gate)
+        return [total / max(tokens, 1) for total in nll]
 
     def _set_gates(self, attention: dict, masks: Sequence[Sequence[Head]], rows_per_mask: int) -> None:
         """Each attention module's gate: (masks * rows_per_mask, H_local), 0 on removed heads."""

@@ -20,9 +20,10 @@ from typing_extensions import override
 
 from mha_lightning.config import MonitorConfig
 from mha_lightning.distributed import ranks_of
-from mha_lightning.kinds import collapse_key, entropy_key, heatmap_key
+from mha_lightning.kinds import collapse_key, entropy_key, heatmap_key, importance_key
 from mha_lightning.model import ATTENTION_KINDS, ProbingCore
 from mha_lightning.monitor.entropy import HeadEntropyAccumulator, finalize, global_head_state
+from mha_lightning.monitor.importance import append_importance, importance_path, probe_importance
 from mha_lightning.monitor.plots import heatmap_array, render_all
 from mha_lightning.monitor.record import append_rows, drop_replayed_rows, record_path
 
@@ -43,7 +44,9 @@ class EntropyMonitor(L.Callback):
         self.log_images = config.log_images
         self.render_plots = config.render_plots
         self.probe = config.probe
+        self.importance = config.importance
         self.latest: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}  # split -> kind -> (H, H_norm)
+        self.latest_importance: dict[str, np.ndarray] = {}  # kind -> (layers, heads), the newest validation's
         self._collapsed: set[tuple[str, int, int]] = set()
         self._active = False
         self._measured_step = -1
@@ -53,6 +56,7 @@ class EntropyMonitor(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """A resumed run: drop the record's rows it is about to log again (no duplicate steps)."""
         if trainer.global_step > 0 and trainer.is_global_zero:
+            drop_replayed_rows(importance_path(self.output_dir), trainer.global_step)
             dropped = drop_replayed_rows(record_path(self.output_dir), trainer.global_step)
             if dropped:
                 log.info(
@@ -136,6 +140,31 @@ class EntropyMonitor(L.Callback):
             self._detach(pl_module)
             pl_module.model.train(was_training)
         self._publish(trainer, "val", trainer.global_step, self._reduce(pl_module))
+        if self.importance:
+            self._publish_importance(trainer, pl_module, batch)
+
+    def _publish_importance(self, trainer, pl_module, batch: dict[str, torch.Tensor]) -> None:
+        """Every head's importance on the probe set (eval mode, gradients into the head gates only)."""
+        local_heads, tp_rank = self._layout(pl_module)
+        num_heads = pl_module.model.config.num_heads
+        was_training = pl_module.model.training
+        pl_module.model.eval()
+        try:
+            values = probe_importance(pl_module.model, batch, num_heads, tp_rank, num_heads // local_heads)
+        finally:
+            pl_module.model.train(was_training)
+        self.latest_importance = values
+        if not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        metrics = {
+            importance_key(kind, layer, head): float(v)
+            for kind, table in values.items()
+            for (layer, head), v in np.ndenumerate(table)
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        append_importance(importance_path(self.output_dir), "val", step, values)
 
     # ------------------------------------------------------------------ output
     def _publish(self, trainer, split: str, step: int, values: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:

@@ -46,6 +46,7 @@ __all__ = [
     "VALUES",
     "record_path",
     "append_rows",
+    "append_csv",
     "EntropyTable",
     "load_entropy_csv",
     "as_table",
@@ -80,17 +81,32 @@ def append_rows(path: str | Path, split: str, step: int, values: Mapping[str, tu
     ``values`` maps kind -> (entropy, normalised entropy), both (layers, heads) arrays;
     a NaN normalised entropy is written as an empty cell.
     """
+    rows = (
+        [
+            step,
+            split,
+            kind,
+            layer,
+            head,
+            f"{h:.6f}",
+            "" if math.isnan(norm[layer, head]) else f"{norm[layer, head]:.6f}",
+        ]
+        for kind, (ent, norm) in values.items()
+        for (layer, head), h in np.ndenumerate(ent)
+    )
+    append_csv(path, COLUMNS, rows)
+
+
+def append_csv(path: str | Path, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Append ``rows`` to the CSV at ``path``, created with its ``columns`` header if absent (the run's records)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
     with path.open("a", newline="") as f:
         writer = csv.writer(f)
         if new:
-            writer.writerow(COLUMNS)
-        for kind, (ent, norm) in values.items():
-            for (layer, head), h in np.ndenumerate(ent):
-                n = norm[layer, head]
-                writer.writerow([step, split, kind, layer, head, f"{h:.6f}", "" if math.isnan(n) else f"{n:.6f}"])
+            writer.writerow(columns)
+        writer.writerows(rows)
 
 
 def drop_replayed_rows(path: str | Path, step: int) -> int:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from helpers.runs import cli_env
 from helpers.wandb_offline import find_run_files, read_history
@@ -20,6 +21,7 @@ from mha_lightning import evaluate
 from mha_lightning.analysis import run, study
 from mha_lightning.analysis.pruning import random_order
 from mha_lightning.analysis.scoring import TaskScorer
+from mha_lightning.data.batching import collate
 from mha_lightning.kinds import Head
 
 pytestmark = pytest.mark.slow
@@ -85,6 +87,21 @@ def test_analysis_finds_the_alignment_head_and_ranks_heads_by_what_removing_them
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     rows = list(csv.DictReader((out / "heads.csv").open()))
     assert len(rows) == 24 and rows[0]["head"] == "enc_self/L0/H0"
+
+    # Each head removed alone: the raw importance ranks heads as the rise in token loss does.
+    single = results["single_heads"]
+    assert len(single["heads"]) == len(single["loss_rise"]) == len(single["metric_drop"]) == 24
+    assert single["spearman_loss_rise"]["importance"] > 0.5, single["spearman_loss_rise"]
+    by_head = {r["head"]: r for r in rows}
+    assert float(by_head[single["heads"][0]]["removal_loss_rise"]) == pytest.approx(single["loss_rise"][0])
+    assert "## Does importance predict a head's effect?" in report
+
+    # Roles: the head that follows reverse's alignment has that role, with its evidence in heads.csv.
+    best = max((r for r in rows if r["alignment"]), key=lambda r: float(r["alignment"]))
+    assert "alignment" in best["roles"].split(), best
+    assert "## What the heads do" in report
+    assert all(r["sink"] != "" and r["rare"] != "" for r in rows)  # measured for every head
+    assert all((r["previous"] == "") == r["head"].startswith("cross/") for r in rows)  # not for cross-attention
 
     # W&B (offline): one analysis run holding the headline numbers and every picture.
     (run_file,) = find_run_files(out / "wandb")
@@ -171,4 +188,15 @@ def test_batched_scoring_of_head_masks_equals_decoding_each_mask(trained_reverse
     assert fast.passes == 2 + 2 + 1  # batches of 64, 64, 22 examples; a pass holds 512 rows (8 masks of 64)
     # Decoding batches masks too, with the same numbers; the model's own gates are back afterwards.
     assert slow.scores(masks) == one_by_one
+    assert all(attn.head_gate is None for mods in module.model.attention_layers().values() for attn in mods)
+
+    # Token losses: masks side by side equal one mask at a time, and the full model's is its evaluation's
+    # teacher-forced negative log-likelihood per token.
+    losses = fast.token_losses(masks)
+    assert losses == pytest.approx([fast.token_losses([mask])[0] for mask in masks], rel=1e-5)
+    batch = {k: v for k, v in collate(fast.pairs).items()}
+    with torch.no_grad():
+        _, nll_sum, _ = module.model.teacher_forced_scores(batch["src"], batch["tgt_in"], batch["tgt_out"])
+    assert losses[0] == pytest.approx(float(nll_sum) / int((batch["tgt_out"] != 0).sum()), rel=1e-5)
+    assert losses[-1] > losses[0] + 1.0  # every head gone: the model is lost
     assert all(attn.head_gate is None for mods in module.model.attention_layers().values() for attn in mods)

@@ -45,6 +45,25 @@ def read_entropy_csv(run_dir: Path) -> dict[tuple, tuple[float, float]]:
     return out
 
 
+def read_importance_csv(run_dir: Path) -> dict[tuple, float]:
+    with (run_dir / "head_importance.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    out = {}
+    for r in rows:
+        key = (int(r["step"]), r["split"], r["kind"], int(r["layer"]), int(r["head"]))
+        assert key not in out, f"head reported twice: {key}"
+        out[key] = float(r["importance"])
+    return out
+
+
+def assert_same_importance(got: dict, want: dict) -> None:
+    # Every head once per validation: the sanity check's at step 0 (the initial model), and step 10's.
+    assert got.keys() == want.keys() and len(want) == 2 * len(KINDS) * LAYERS * HEADS
+    assert {k[:2] for k in want} == {(0, "val"), (10, "val")}
+    for key, value in want.items():
+        assert value > 0 and got[key] == pytest.approx(value, rel=1e-4, abs=1e-7), (key, got[key], value)
+
+
 def run_cli(run_dir: Path, tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "mha_lightning.train", *COMMON, *overrides, f"hydra.run.dir={run_dir}"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
@@ -58,7 +77,7 @@ def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp1")
     cfg = compose_train_config(tmp / "run", [*COMMON, "logger=none"])
     train(cfg)
-    return read_entropy_csv(tmp / "run")
+    return {"entropy": read_entropy_csv(tmp / "run"), "importance": read_importance_csv(tmp / "run")}
 
 
 def assert_same_entropies(got: dict, want: dict) -> None:
@@ -76,7 +95,8 @@ def test_tp2_reports_every_head_once_equal_to_one_device_and_in_wandb(reference,
     run_dir = tmp_path / "tp2"
     run_cli(run_dir, tmp_path, "trainer.devices=2", "parallel.tensor_parallel_size=2", "logger=wandb")
     got = read_entropy_csv(run_dir)
-    assert_same_entropies(got, reference)
+    assert_same_entropies(got, reference["entropy"])
+    assert_same_importance(read_importance_csv(run_dir), reference["importance"])
     # Each (step, split) reports 3 kinds x 2 layers x 4 heads, each exactly once.
     per_step = {}
     for step, split, *_ in got:
@@ -88,6 +108,10 @@ def test_tp2_reports_every_head_once_equal_to_one_device_and_in_wandb(reference,
     expected = {f"attn_entropy/{k}/L{layer}/H{h}" for k in KINDS for layer in range(LAYERS) for h in range(HEADS)}
     expected |= {key.replace("attn_entropy/", "attn_entropy_norm/") for key in expected}
     expected |= {f"val_{key}" for key in expected}
+    importance = {
+        f"val_head_importance/{k}/L{layer}/H{h}" for k in KINDS for layer in range(LAYERS) for h in range(HEADS)
+    }
+    expected |= importance
     logged = {}
     for row in history:
         for key, value in row.items():
@@ -95,6 +119,10 @@ def test_tp2_reports_every_head_once_equal_to_one_device_and_in_wandb(reference,
                 logged.setdefault(key, []).append(value)
     assert set(logged) == expected
     max_len = 12 + 1  # longest source (data.max_len) plus EOS
+    for key in importance:  # each validation's numbers, as the record holds them
+        kind, layer, head = key.split("/")[1:]
+        want = [reference["importance"][(step, "val", kind, int(layer[1:]), int(head[1:]))] for step in (0, 10)]
+        assert logged.pop(key) == [pytest.approx(v, rel=1e-4, abs=1e-7) for v in want], key
     for key, values in logged.items():
         hi = 1.0 if "_norm/" in key else math.log(max_len)
         assert all(math.isfinite(v) and 0.0 <= v <= hi + 1e-6 for v in values), (key, values)
@@ -111,18 +139,19 @@ def test_dp2_gives_the_mean_over_all_data(reference, tmp_path):
     run_cli(
         run_dir, tmp_path, "trainer.devices=2", "parallel.data_parallel_size=2", "data.batch_size=32", "logger=none"
     )
-    assert_same_entropies(read_entropy_csv(run_dir), reference)
+    assert_same_entropies(read_entropy_csv(run_dir), reference["entropy"])
+    assert_same_importance(read_importance_csv(run_dir), reference["importance"])
 
 
 def test_monitor_disabled_logs_nothing_and_keeps_fast_path(make_cfg, tmp_path):
     cfg = make_cfg(*COMMON, "monitor.enabled=false", "logger=wandb")
     train(cfg)
     run_dir = tmp_path / "run"
-    assert not (run_dir / "attention_entropy.csv").exists()
+    assert not (run_dir / "attention_entropy.csv").exists() and not (run_dir / "head_importance.csv").exists()
     (run_file,) = find_run_files(run_dir)
     keys = {k for row in read_history(run_file) for k in row}
     assert "train/loss" in keys
-    assert not [k for k in keys if "attn_" in k]
+    assert not [k for k in keys if "attn_" in k or "head_importance" in k]
 
 
 def test_collapse_warning_names_the_head(make_cfg, tmp_path, caplog):

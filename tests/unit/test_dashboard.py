@@ -28,6 +28,7 @@ def test_base_run_workspace_one_plot_per_kind_and_layer_with_all_eight_heads(tmp
         "Attention entropy: cross-attention",
         "Attention heatmaps",
         "Entropy collapse",
+        "Head importance (Michel et al.)",
     ]  # a single run: no sweep section
     for kind, section in zip(ATTENTION_KINDS, spec["sections"][1:4], strict=True):
         plots = section["panels"]
@@ -37,6 +38,8 @@ def test_base_run_workspace_one_plot_per_kind_and_layer_with_all_eight_heads(tmp
         assert plots[3]["y"] == [f"val_attn_entropy_norm/{kind}/L0/H{h}" for h in range(8)]
         assert plots[-4]["y"][-1] == f"attn_entropy/{kind}/L5/H7"
         assert plots[1]["range_y"] == [0, 1]
+    importance = spec["sections"][-1]["panels"]
+    assert len(importance) == 18 and importance[0]["y"] == [f"val_head_importance/enc_self/L0/H{h}" for h in range(8)]
     train_keys = {k for p in dashboard.panels(spec) for k in p.get("y", []) if k.startswith("attn_entropy")}
     assert len(train_keys) == 288  # what used to be 288 panels: 3 kinds x 6 layers x 8 heads x (raw, normalised)
 
