@@ -23,9 +23,9 @@ from mha_lightning.distributed import ranks_of
 from mha_lightning.kinds import collapse_key, entropy_key, heatmap_key, importance_key
 from mha_lightning.model import ATTENTION_KINDS, ProbingCore
 from mha_lightning.monitor.entropy import HeadEntropyAccumulator, finalize, global_head_state
-from mha_lightning.monitor.importance import append_importance, importance_path, probe_importance
+from mha_lightning.monitor.importance import append_importance, probe_importance
 from mha_lightning.monitor.plots import heatmap_array, render_all
-from mha_lightning.monitor.record import append_rows, drop_replayed_rows, record_path
+from mha_lightning.monitor.record import append_rows, drop_replayed_rows, importance_path, record_path
 
 log = logging.getLogger(__name__)
 

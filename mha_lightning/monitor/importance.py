@@ -11,7 +11,6 @@ Logged as ``val_head_importance/<kind>/L<l>/H<h>``, and kept beside the entropy 
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,15 +21,7 @@ from torch import Tensor
 
 from mha_lightning.analysis.heads import gate_importance
 from mha_lightning.kinds import ATTENTION_KINDS
-from mha_lightning.monitor.record import append_csv
-
-CSV_NAME = "head_importance.csv"
-COLUMNS = ("step", "split", "kind", "layer", "head", "importance")
-
-
-def importance_path(run_dir: str | Path) -> Path:
-    """Where a run keeps its importance record."""
-    return Path(run_dir) / CSV_NAME
+from mha_lightning.monitor.record import IMPORTANCE_COLUMNS, append_csv
 
 
 def probe_importance(
@@ -70,23 +61,4 @@ def append_importance(path: str | Path, split: str, step: int, values: Mapping[s
         for kind, table in values.items()
         for (layer, head), value in np.ndenumerate(table)
     )
-    append_csv(path, COLUMNS, rows)
-
-
-def load_importance(path: str | Path) -> dict[tuple[str, str], dict[int, np.ndarray]]:
-    """(split, kind) -> step -> (layers, heads) from a record (a resumed run's later rows win)."""
-    rows = list(csv.DictReader(Path(path).open(newline="")))
-    shapes: dict[tuple[str, str], tuple[int, int]] = {}
-    for r in rows:
-        key = (r["split"], r["kind"])
-        layers, heads = shapes.get(key, (0, 0))
-        shapes[key] = (max(layers, int(r["layer"]) + 1), max(heads, int(r["head"]) + 1))
-    out: dict[tuple[str, str], dict[int, np.ndarray]] = {}
-    for r in rows:
-        key = (r["split"], r["kind"])
-        per_step = out.setdefault(key, {})
-        step = int(r["step"])
-        if step not in per_step:
-            per_step[step] = np.full(shapes[key], np.nan)
-        per_step[step][int(r["layer"]), int(r["head"])] = float(r["importance"])
-    return out
+    append_csv(path, IMPORTANCE_COLUMNS, rows)

@@ -27,6 +27,7 @@ from matplotlib.ticker import MaxNLocator
 from mha_lightning.errors import ConfigError, DataError, exit_on_user_error
 from mha_lightning.monitor.record import (
     CSV_NAME,
+    IMPORTANCE_CSV,
     SPLITS,
     VALUES,
     EntropyTable,
@@ -37,6 +38,7 @@ from mha_lightning.monitor.record import (
     entropy_cube,
     entropy_matrix,
     load_entropy_csv,
+    load_importance,
     one_line,
     record_path,
 )
@@ -299,6 +301,60 @@ def plot_entropy_over_steps(
     return fig
 
 
+def plot_heads_over_training(
+    rows: EntropyTable | str | Path,
+    importance: Mapping[tuple[str, str], Mapping[int, np.ndarray]] | None = None,
+    split: str = "val",
+) -> Figure:
+    """Per attention kind (a row each): every layer's normalised entropy over steps, the mean across its
+    heads as a line and their range shaded, and beside it the heads' importance the same way (where the
+    run measured it: ``monitor.importance.load_importance``). Does an attention sharpen, do heads collapse,
+    when do they become important."""
+    t = as_table(rows)
+    check_split_kind(t, split, None)
+    kinds = t.kinds(split)
+    columns = [("entropy_norm", "normalised entropy")]
+    if importance and any((split, kind) in importance for kind in kinds):
+        columns.append(("importance", "importance (mean |dL/d gate|)"))
+    fig = new_figure((0.8 + 5.0 * len(columns), 0.6 + 2.8 * len(kinds)))
+    axes = fig.subplots(len(kinds), len(columns), sharex=True, squeeze=False)
+    for row, kind in enumerate(kinds):
+        steps, cube = entropy_cube(t, split, kind, "entropy_norm")
+        per_value = {"entropy_norm": (steps, cube)}
+        if len(columns) > 1 and (split, kind) in importance:
+            by_step = importance[(split, kind)]
+            order = sorted(by_step)
+            per_value["importance"] = (np.asarray(order), np.stack([by_step[s] for s in order]))
+        for col, (value, label) in enumerate(columns):
+            ax = axes[row][col]
+            if value not in per_value:
+                ax.set_visible(False)
+                continue
+            x, values = per_value[value]  # (steps, layers, heads)
+            colors = _head_colors(values.shape[1])
+            for layer in range(values.shape[1]):
+                with np.errstate(all="ignore"):
+                    mean = np.nanmean(values[:, layer], axis=1)
+                    lo, hi = np.nanmin(values[:, layer], axis=1), np.nanmax(values[:, layer], axis=1)
+                ax.plot(x, mean, color=colors[layer], lw=1.5, label=f"L{layer}")
+                ax.fill_between(x, lo, hi, color=colors[layer], alpha=0.15, lw=0)
+            ax.grid(True, alpha=0.3)
+            ax.tick_params(labelsize=8)
+            if value == "entropy_norm":
+                ax.set_ylim(-0.02, 1.02)
+            else:
+                ax.set_ylim(bottom=0.0)
+            if row == 0:
+                ax.set_title(label, fontsize=10)
+            if col == 0:
+                ax.set_ylabel(_KIND_LABELS.get(kind, kind), fontsize=9)
+                ax.legend(fontsize=7, title="layer (range: its heads)", title_fontsize=7, frameon=False)
+            if row == len(kinds) - 1:
+                ax.set_xlabel("step")
+    fig.suptitle(f"Heads over training ({split} probe set): mean across each layer's heads, range shaded", fontsize=11)
+    return fig
+
+
 # --------------------------------------------------------------------------- render / CLI
 
 
@@ -353,13 +409,23 @@ def render_all(
                     out / f"heatmap_{kind}_{split}_{value}_step{s}.png",
                 )
             )
-        for fig, p in jobs:
-            try:
-                written.append(figure_to_png(fig, p))
-            except OSError as e:
-                raise ConfigError(
-                    f"cannot write {p}: {one_line(e.strerror or str(e), 80)}; pass a writable --out"
-                ) from None
+        written += _write_all(jobs)
+    importance = Path(csv_path).with_name(IMPORTANCE_CSV)
+    if split == "val" and importance.is_file():  # the run measured every head's importance on the probe set too
+        jobs = [(plot_heads_over_training(t, load_importance(importance), split), out / f"over_training_{split}.png")]
+        written += _write_all(jobs)
+    return written
+
+
+def _write_all(jobs: Iterable[tuple[Figure, Path]]) -> list[Path]:
+    written = []
+    for fig, p in jobs:
+        try:
+            written.append(figure_to_png(fig, p))
+        except OSError as e:
+            raise ConfigError(
+                f"cannot write {p}: {one_line(e.strerror or str(e), 80)}; pass a writable --out"
+            ) from None
     return written
 
 

@@ -46,6 +46,8 @@ __all__ = [
     "VALUES",
     "record_path",
     "append_rows",
+    "importance_path",
+    "load_importance",
     "append_csv",
     "EntropyTable",
     "load_entropy_csv",
@@ -63,6 +65,10 @@ KINDS = ATTENTION_KINDS  # the model's attention types, in its order
 SPLITS = ("train", "val")
 VALUES = ("entropy", "entropy_norm")
 
+# Every head's importance on the validation probe set (``monitor.importance``), beside the entropy record.
+IMPORTANCE_CSV = "head_importance.csv"
+IMPORTANCE_COLUMNS = ("step", "split", "kind", "layer", "head", "importance")
+
 # Sanity cap on layer/head indices: a corrupt value like 1e9 must not allocate a huge matrix.
 _MAX_INDEX = 100_000
 
@@ -73,6 +79,11 @@ _MAX_INDEX = 100_000
 def record_path(run_dir: str | Path) -> Path:
     """Where a run keeps its entropy record: ``run_dir / CSV_NAME``."""
     return Path(run_dir) / CSV_NAME
+
+
+def importance_path(run_dir: str | Path) -> Path:
+    """Where a run keeps its importance record: ``run_dir / IMPORTANCE_CSV``."""
+    return Path(run_dir) / IMPORTANCE_CSV
 
 
 def append_rows(path: str | Path, split: str, step: int, values: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
@@ -442,3 +453,23 @@ def entropy_cube(t: EntropyTable, split: str, kind: str, value: str) -> tuple[np
     cube = np.full((steps.size, n_layers, n_heads), np.nan, dtype=np.float64)
     cube[np.searchsorted(steps, t.step[m]), t.layer[m], t.head[m]] = t.values(value)[m]
     return steps, cube
+
+
+def load_importance(path: str | Path) -> dict[tuple[str, str], dict[int, np.ndarray]]:
+    """(split, kind) -> step -> (layers, heads) from a record (a resumed run's later rows win)."""
+    with Path(path).open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    shapes: dict[tuple[str, str], tuple[int, int]] = {}
+    for r in rows:
+        key = (r["split"], r["kind"])
+        layers, heads = shapes.get(key, (0, 0))
+        shapes[key] = (max(layers, int(r["layer"]) + 1), max(heads, int(r["head"]) + 1))
+    out: dict[tuple[str, str], dict[int, np.ndarray]] = {}
+    for r in rows:
+        key = (r["split"], r["kind"])
+        per_step = out.setdefault(key, {})
+        step = int(r["step"])
+        if step not in per_step:
+            per_step[step] = np.full(shapes[key], np.nan)
+        per_step[step][int(r["layer"]), int(r["head"])] = float(r["importance"])
+    return out

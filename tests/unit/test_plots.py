@@ -389,3 +389,25 @@ def test_module_does_not_import_pyplot(module) -> None:
     assert not any("pyplot" in name for name in imported), imported
     if module is record:  # the record is data only: rendering lives in plots
         assert not any("matplotlib" in name for name in imported), imported
+
+
+def test_a_run_with_importance_gets_its_heads_over_training_figure(run_dir: Path, tmp_path: Path) -> None:
+    """With head_importance.csv beside the record, the val plots add one figure of entropy and importance
+    over training; the importance written is the importance read back."""
+    from mha_lightning.monitor.importance import append_importance
+
+    steps = load_entropy_csv(run_dir / CSV_NAME).steps("val")
+    tables = {
+        s: {k: np.arange(LAYERS * HEADS, dtype=float).reshape(LAYERS, HEADS) / (1 + s) for k in KINDS} for s in steps
+    }
+    for s, values in tables.items():
+        append_importance(record.importance_path(run_dir), "val", s, values)
+    read = record.load_importance(record.importance_path(run_dir))
+    assert set(read) == {("val", k) for k in KINDS}
+    for s, values in tables.items():
+        np.testing.assert_allclose(read[("val", "cross")][s], values["cross"], rtol=1e-5)
+    out = tmp_path / "plots"
+    paths = render_all(run_dir / CSV_NAME, out, split="val", value="entropy_norm")
+    assert out / "over_training_val.png" in paths
+    _check_png(out / "over_training_val.png", min_w=600, min_h=500)
+    assert not any("over_training" in p.name for p in render_all(run_dir / CSV_NAME, tmp_path / "train"))
