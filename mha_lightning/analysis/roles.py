@@ -164,11 +164,6 @@ def assign_roles(
     return roles
 
 
-def positional_offset(shares: dict[str, float]) -> str:
-    """The relative position a positional head favours most: previous, same or next."""
-    return max(OFFSETS, key=lambda name: -1.0 if np.isnan(shares.get(name, np.nan)) else shares[name])
-
-
 def head_roles(stats: dict[str, Any], cfg: dict) -> dict[str, dict[str, list[list[list[str]]]]]:
     """``results["statistics"]`` -> kind -> per layer, per head, its roles."""
     out: dict[str, Any] = {}

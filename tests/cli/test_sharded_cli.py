@@ -242,9 +242,21 @@ def test_analysis_sharded_over_two_ranks_equals_the_single_device_one(tp2_runs, 
         for kind, values in one["statistics"][stat].items():
             sharded = torch.tensor(two["statistics"][stat][kind], dtype=torch.float64)
             torch.testing.assert_close(sharded, torch.tensor(values, dtype=torch.float64), rtol=0, atol=1e-5)
-    # Heads removed on a sharded model (each rank gates its own heads): the same orders and curves.
+    # Role evidence from the gathered heads: the same shares (argmax counts; a near-tie may fall the other
+    # way at fp32 rounding, so a few of the ~300 queries may count differently), the same roles.
+    for kind, shares in one["statistics"]["roles_share"].items():
+        for name, values in shares.items():
+            sharded = torch.tensor(two["statistics"]["roles_share"][kind][name], dtype=torch.float64)
+            torch.testing.assert_close(
+                sharded, torch.tensor(values, dtype=torch.float64), rtol=0, atol=1e-9, equal_nan=True
+            )
+    assert two["roles"] == one["roles"]
+    # Heads removed on a sharded model (each rank gates its own heads): the same orders and curves, and
+    # the same token losses with each head removed alone (the vocabulary-parallel logits gathered).
     assert two["pruning"]["orders"] == one["pruning"]["orders"]
     assert two["pruning"]["curves"] == one["pruning"]["curves"]
+    assert two["single_heads"]["heads"] == one["single_heads"]["heads"]
+    assert two["single_heads"]["loss_rise"] == pytest.approx(one["single_heads"]["loss_rise"], abs=1e-5)
 
 
 def test_sharded_checkpoint_resumes_on_one_device(tp2_runs, tmp_path):
