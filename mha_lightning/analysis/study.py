@@ -35,6 +35,7 @@ COLUMNS = (
     "seed",
     "metric",
     "value",
+    "val_chrf",
     "entropy_spread",
     "mean_js",
     "share_removable",
@@ -111,7 +112,7 @@ def study(multiruns: list[Path], examples: int = 500, points: int = 9, out: Path
             model = results["model"]
             shape = (model["num_heads"], model["head_dim"], model["d_model"])
             row = {"job": name, "variant": variant(job, *shape), "num_heads": shape[0], "head_dim": shape[1]}
-            row["seed"] = job_seed(job)
+            row["seed"], row["val_chrf"] = job_seed(job), job_metric(job, "val/chrf")
             rows.append({**row, **summarise(results)})
     out.mkdir(parents=True, exist_ok=True)
     with (out / "study.csv").open("w", newline="") as f:
@@ -132,6 +133,15 @@ def variant(job: Path, num_heads: int, head_dim: int, d_model: int) -> str:
         if key.lstrip("+~") == "model.head_dim":
             return SPLIT if value in ("null", "None", "") else f"head_dim fixed at {value}"
     return SPLIT if num_heads * head_dim == d_model else f"head_dim {head_dim}"
+
+
+def job_metric(job: Path, key: str) -> float:
+    """The job's own last validation ``key`` (its metrics.json, the whole split), NaN where it has none."""
+    path = job / "metrics.json"
+    try:
+        return float(json.loads(path.read_text()).get(key, math.nan)) if path.is_file() else math.nan
+    except (ValueError, TypeError):
+        return math.nan
 
 
 def job_seed(job: Path) -> int | str:
@@ -177,13 +187,15 @@ def _figure(rows: list[dict[str, Any]], path: Path) -> None:
 def _markdown(rows: list[dict[str, Any]], multiruns: list[Path]) -> str:
     lines = ["# Heads study: " + ", ".join(f"`{m}`" for m in multiruns), "", "![study](study.png)", ""]
     lines += [
-        "| variant | num_heads | head_dim | seed | " + rows[0]["metric"] + " | entropy spread | mean JS | removable |"
+        "| variant | num_heads | head_dim | seed | " + rows[0]["metric"] + " | chrF (run's validation) "
+        "| entropy spread | mean JS | removable |"
     ]
-    lines += ["|---|---|---|---|---|---|---|---|"]
+    lines += ["|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["variant"], r["num_heads"], str(r["seed"]))):
         lines.append(
             f"| {r['variant']} | {r['num_heads']} | {r['head_dim']} | {r['seed']} | {r['value']:.3f} | "
-            f"{r['entropy_spread']:.3f} | {_fmt(r['mean_js'], '.3f')} | {_fmt(r['share_removable'], '.0%')} |"
+            f"{_fmt(r['val_chrf'], '.2f')} | {r['entropy_spread']:.3f} | {_fmt(r['mean_js'], '.3f')} | "
+            f"{_fmt(r['share_removable'], '.0%')} |"
         )
     return "\n".join(lines) + "\n"
 

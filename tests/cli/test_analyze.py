@@ -151,6 +151,7 @@ def test_heads_study_gathers_the_finished_jobs_of_a_sweep_into_one_table(trained
         "exact_match",
     )
     assert float(row["value"]) >= 0.99
+    assert row["val_chrf"] == "nan"  # reverse: no chrF (a text job's comes from its metrics.json)
     assert 0 < float(row["mean_js"]) < 1 and float(row["entropy_spread"]) > 0
     assert 0 <= float(row["share_removable"]) < 1
     assert (out / "study.png").read_bytes()[:4] == b"\x89PNG" and "| 4 | 16 | 3 |" in (out / "study.md").read_text()
