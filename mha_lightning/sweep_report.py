@@ -30,29 +30,14 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from mha_lightning.errors import ConfigError, DataError, UserError, exit_on_user_error, first_line
+from mha_lightning.sweeps import DIRECTIONS, METRICS_FILE, Objective, default_direction
 
 MULTIRUN_FILE = "multirun.yaml"
-METRICS_FILE = "metrics.json"  # train.METRICS_FILE (not imported: that module imports Hydra's app machinery)
 SWEEP_STATE_FILE = "sweep_state.json"  # the sweep process: pid, host, start, and its end once reached
 JOB_STATE_FILE = "job_state.json"  # in a job folder, at the job's end: finished or failed, with the error
 REPORT_CSV, REPORT_MD, REPORT_PNG = "sweep_report.csv", "sweep_report.md", "sweep_report.png"
 
 FINISHED, RUNNING, FAILED, UNKNOWN = "finished", "running", "failed", "running or failed"
-# Objectives whose name says smaller is better (when no sweeper states a direction).
-_SMALLER_IS_BETTER = ("loss", "error", "perplexity", "ppl")
-
-
-@dataclass
-class Objective:
-    """The metric the sweep optimises, its direction, and where each came from (said in the report)."""
-
-    metric: str
-    direction: str  # "min" or "max"
-    source: str
-
-    def better(self, a: float, b: float) -> bool:
-        """Whether value ``a`` beats ``b``."""
-        return a < b if self.direction == "min" else a > b
 
 
 @dataclass
@@ -245,14 +230,17 @@ def _read_json(path: Path) -> dict | None:
 
 def choose_objective(config: DictConfig, metric: str | None = None, direction: str | None = None) -> Objective:
     """The objective: ``metric`` if given, else the sweep's ``optimized_metric`` (lightning-hydra-template's
-    convention), else the checkpoint callback's monitor, else ``val/loss``. Its direction: ``direction`` if given,
-    else the sweeper's (Optuna's ``hydra.sweeper.direction``), else the checkpoint callback's mode for its own
-    metric, else inferred from the name (min for loss-like names, max otherwise)."""
+    convention), else the checkpoint callback's monitor, else ``val/loss``. Its direction: ``direction`` if given
+    (min/max or minimize/maximize), else the sweeper's (Optuna's ``hydra.sweeper.direction``), else
+    ``optimized_direction`` for that metric, else the checkpoint callback's mode for its own metric, else from the
+    name as the jobs infer it (``sweeps.default_direction``). One ``Objective``: the report ranks as the sweep
+    optimised."""
     checkpoint = OmegaConf.select(config, "callbacks.model_checkpoint", default=None) or {}
+    optimized = OmegaConf.select(config, "optimized_metric", default=None)
     if metric:
         source = "--metric"
-    elif OmegaConf.select(config, "optimized_metric", default=None):
-        metric, source = str(config.optimized_metric), "optimized_metric"
+    elif optimized:
+        metric, source = str(optimized), "optimized_metric"
     elif checkpoint.get("monitor"):
         metric, source = str(checkpoint["monitor"]), "callbacks.model_checkpoint.monitor"
     else:
@@ -260,17 +248,20 @@ def choose_objective(config: DictConfig, metric: str | None = None, direction: s
     sweeper_direction = OmegaConf.select(config, "hydra.sweeper.direction", default=None)
     if OmegaConf.is_list(sweeper_direction):  # multi-objective: the report ranks by the first
         sweeper_direction = sweeper_direction[0] if len(sweeper_direction) else None
+    stated = OmegaConf.select(config, "optimized_direction", default=None) if metric == optimized else None
     if direction:
         how = "--direction"
+        if direction not in ("min", "max", *DIRECTIONS):
+            raise ConfigError(f"--direction must be min or max, got {direction!r}")
     elif sweeper_direction:
-        direction, how = ("min" if str(sweeper_direction).startswith("min") else "max"), "hydra.sweeper.direction"
+        direction, how = str(sweeper_direction), "hydra.sweeper.direction"
+    elif stated:
+        direction, how = str(stated), "optimized_direction"
     elif checkpoint.get("monitor") == metric and checkpoint.get("mode") in ("min", "max"):
         direction, how = checkpoint["mode"], "callbacks.model_checkpoint.mode"
     else:
-        smaller = any(word in metric.lower() for word in _SMALLER_IS_BETTER)
-        direction, how = ("min" if smaller else "max"), "inferred from the name"
-    if direction not in ("min", "max"):
-        raise ConfigError(f"--direction must be min or max, got {direction!r}")
+        direction, how = default_direction(metric), "inferred from the name"
+    direction = "minimize" if direction.startswith("min") else "maximize"
     return Objective(metric, direction, f"metric from {source}, direction {how}")
 
 
@@ -387,7 +378,7 @@ def markdown(sweep: Sweep, png_name: str) -> str:
         lines += ["**Partial results**: not every job has finished; the best job is chosen among finished ones.", ""]
     lines += [
         f"- Jobs: {summary_line(sweep)}",
-        f"- Objective: `{objective.metric}`, {'lower' if objective.direction == 'min' else 'higher'} is better "
+        f"- Objective: `{objective.metric}`, {'lower' if objective.lower_is_better else 'higher'} is better "
         f"({objective.source})",
         f"- Swept: {', '.join(f'`{k}`' for k in sweep.swept) or 'nothing'}",
     ]
@@ -452,7 +443,7 @@ def render_figure(sweep: Sweep, path: Path) -> Path:
             ax.legend(loc="best", fontsize=8)
         ax.margins(x=0.15, y=0.15)
         ax.set_xlabel(key)
-        ax.set_ylabel(f"{metric} ({'lower' if sweep.objective.direction == 'min' else 'higher'} is better)")
+        ax.set_ylabel(f"{metric} ({'lower' if sweep.objective.lower_is_better else 'higher'} is better)")
         ax.grid(alpha=0.3)
     title = f"{sweep.path.name}: {len(done)} of {len(sweep.jobs)} jobs with a result"
     fig.suptitle(title + (" (partial results)" if sweep.partial else ""))

@@ -21,12 +21,24 @@ DIRECTIONS = ("minimize", "maximize")
 MAX_TAG_LEN = 64
 
 
+# What every finished run writes into its folder: the final metrics, and the objective's best where it has one.
+METRICS_FILE = "metrics.json"
+
+
 @dataclass(frozen=True)
 class Objective:
-    """The metric a sweep optimises (``optimized_metric``) and its direction (``optimized_direction``)."""
+    """The metric a sweep optimises (``optimized_metric``) and its direction (``optimized_direction``:
+    minimize or maximize), for the job that trains, the sweeper and the sweep report alike; ``source`` says
+    where each came from (the report prints it)."""
 
     metric: str
     direction: str
+    source: str = ""
+
+    @property
+    def lower_is_better(self) -> bool:
+        """Whether smaller values win."""
+        return self.direction == "minimize"
 
     @property
     def best_key(self) -> str:
@@ -46,10 +58,14 @@ class Objective:
         return value < than if self.direction == "minimize" else value > than
 
 
+# Metric names that say smaller is better (when nothing states a direction).
+SMALLER_IS_BETTER = ("loss", "error", "perplexity", "ppl")
+
+
 def default_direction(metric: str) -> str:
-    """minimize for losses and perplexities, maximize for scores (BLEU, chrF, accuracy, exact match)."""
-    name = metric.rsplit("/", 1)[-1]
-    return "minimize" if name.endswith("loss") or name in ("ppl", "perplexity") else "maximize"
+    """minimize for losses, errors and perplexities, maximize for scores (BLEU, chrF, accuracy, exact match)."""
+    name = metric.rsplit("/", 1)[-1].lower()
+    return "minimize" if any(word in name for word in SMALLER_IS_BETTER) else "maximize"
 
 
 def objective_of(cfg: DictConfig) -> Objective | None:

@@ -25,6 +25,7 @@ from mha_lightning.errors import ConfigError, NonFiniteError, Preempted, RankLos
 from mha_lightning.loggers import check_wandb_online
 from mha_lightning.run_folder import RunLock, check_start, clear_run
 from mha_lightning.sweeps import (
+    METRICS_FILE,
     adopt_submitit_ranks,
     best_value,
     current_sweep_job,
@@ -37,7 +38,6 @@ from mha_lightning.sweeps import (
 
 log = logging.getLogger(__name__)
 CONFIG_PATH = "pkg://mha_lightning.conf"
-METRICS_FILE = "metrics.json"
 
 
 def checkpoint_tokenizer(plan: RunPlan) -> Path | None:

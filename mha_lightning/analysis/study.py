@@ -24,6 +24,7 @@ import numpy as np
 
 from mha_lightning.errors import DataError, exit_on_user_error
 from mha_lightning.sweep_report import read_overrides, value_from_config
+from mha_lightning.sweeps import METRICS_FILE
 
 STUDY_DIR = "heads_study"
 SPLIT = "head_dim = d_model / num_heads"
@@ -137,7 +138,7 @@ def variant(job: Path, num_heads: int, head_dim: int, d_model: int) -> str:
 
 def job_metric(job: Path, key: str) -> float:
     """The job's own last validation ``key`` (its metrics.json, the whole split), NaN where it has none."""
-    path = job / "metrics.json"
+    path = job / METRICS_FILE
     try:
         return float(json.loads(path.read_text()).get(key, math.nan)) if path.is_file() else math.nan
     except (ValueError, TypeError):

@@ -60,15 +60,21 @@ def _compose_sweep(*overrides: str):
 def test_objective_and_direction_of_a_sweep():
     cfg = _compose_sweep("hparams_search=num_heads")
     objective = choose_objective(cfg)
-    assert (objective.metric, objective.direction) == ("val/exact_match", "max")
-    assert objective.source == "metric from optimized_metric, direction inferred from the name"
-    # Optuna's sweeper states the direction: it wins over the name.
+    assert (objective.metric, objective.direction) == ("val/exact_match", "maximize")
+    # The sweep states optimized_direction: the report ranks as the sweep optimised.
+    assert objective.source == "metric from optimized_metric, direction optimized_direction"
+    OmegaConf.update(cfg, "optimized_direction", "minimize")
+    assert choose_objective(cfg).direction == "minimize"
+    OmegaConf.update(cfg, "optimized_direction", None)
+    assert choose_objective(cfg).source == "metric from optimized_metric, direction inferred from the name"
+    # Optuna's sweeper states the direction: it wins.
     OmegaConf.update(cfg, "hydra.sweeper.direction", "minimize", force_add=True)
-    assert choose_objective(cfg).direction == "min"
+    assert choose_objective(cfg).direction == "minimize"
     assert choose_objective(cfg, direction="max").source.endswith("direction --direction")
+    assert choose_objective(cfg, direction="max").direction == "maximize"
     # No optimized_metric: the checkpoint callback's monitor and mode.
     objective = choose_objective(_compose_sweep())
-    assert (objective.metric, objective.direction) == ("val/loss", "min")
+    assert (objective.metric, objective.direction) == ("val/loss", "minimize")
     assert objective.source == (
         "metric from callbacks.model_checkpoint.monitor, direction callbacks.model_checkpoint.mode"
     )

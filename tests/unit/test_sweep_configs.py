@@ -83,6 +83,7 @@ def test_submitit_local_launcher_runs_one_task_per_device():
 def test_objective_direction_defaults_by_name_and_is_checked():
     assert default_direction("val/loss") == "minimize" and default_direction("val/ppl") == "minimize"
     assert default_direction("val/bleu") == "maximize" and default_direction("val/exact_match") == "maximize"
+    assert default_direction("val/char_error") == "minimize"  # the sweep report agrees: one rule
     cfg = OmegaConf.create({"optimized_metric": "val/bleu", "optimized_direction": None})
     assert objective_of(cfg) == Objective("val/bleu", "maximize")
     assert objective_of(OmegaConf.create({})) is None
