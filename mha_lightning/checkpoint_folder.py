@@ -17,12 +17,12 @@ import io
 import json
 import os
 import pickle
-import secrets
 import shutil
 from pathlib import Path
 
 import torch
 
+from mha_lightning.atomic import atomic_file, fsync_path, sibling_path
 from mha_lightning.errors import CheckpointError, first_line
 
 MANIFEST = "manifest.json"
@@ -31,15 +31,6 @@ DCP_METADATA = ".metadata"
 # Bytes hashed at each end of a file: shards of two steps differ in their first tensors' bytes,
 # and reading a few MiB keeps the check cheap for any checkpoint size.
 _SAMPLE = 1 << 20
-
-
-def sibling_path(path: str | os.PathLike, kind: str = "tmp") -> Path:
-    """A fresh hidden name beside ``path``: ``.<name>.<kind>-<pid>-<random>``.
-
-    Beside the target, so the final rename stays on one filesystem; not ending in the checkpoint's
-    suffix, so nothing that lists ``*.ckpt`` mistakes a leftover (after ``kill -9``) for a checkpoint."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def fingerprint(path: Path) -> dict[str, object]:
@@ -54,33 +45,14 @@ def fingerprint(path: Path) -> dict[str, object]:
     return {"size": size, "blake2b": digest.hexdigest()}
 
 
-def fsync_path(path: Path, directory: bool = False) -> None:
-    """Flush a file (or a directory's entries) to disk; best effort where a platform cannot."""
-    try:
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_manifest(folder: Path, global_step: int) -> None:
     """Seal a fully written folder: fsync its files, then write :data:`MANIFEST` (itself atomically)."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
     for p in files:
         fsync_path(p)
     manifest = {"format": FORMAT, "global_step": int(global_step), "files": {p.name: fingerprint(p) for p in files}}
-    tmp = folder / f".{MANIFEST}.tmp"
-    with tmp.open("w") as f:
+    with atomic_file(folder / MANIFEST, "w", durable=True) as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / MANIFEST)
-    fsync_path(folder, directory=True)
 
 
 def publish(staging: Path, target: Path, global_step: int) -> None:

@@ -20,7 +20,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
 from typing_extensions import override
 
-from mha_lightning.checkpoint_folder import fsync_path, publish, publish_file, remove, sibling_path
+from mha_lightning.atomic import fsync_path, sibling_path
+from mha_lightning.checkpoint_folder import publish, publish_file, remove
 from mha_lightning.errors import CheckpointError, first_line
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +22,7 @@ import lightning as L
 from tqdm import tqdm
 from typing_extensions import override
 
+from mha_lightning.atomic import write_text_atomic
 from mha_lightning.checkpoints import CheckpointInfo, load_model
 from mha_lightning.data.batching import collate
 from mha_lightning.data.datamodule import strip_ids
@@ -190,13 +190,9 @@ def check_writable(path: Path) -> None:
 
 def write_hypotheses(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` whole or not at all (beside it, then renamed); a failure is one line."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise _cannot_write(path, e) from None
 
 

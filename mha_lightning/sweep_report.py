@@ -29,6 +29,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from mha_lightning.atomic import atomic_file, write_text_atomic
 from mha_lightning.errors import ConfigError, DataError, UserError, exit_on_user_error, first_line
 from mha_lightning.sweeps import DIRECTIONS, METRICS_FILE, Objective, default_direction
 
@@ -274,7 +275,7 @@ def note_sweep_process(sweep_dir: str | Path, pid: int | None = None, finished: 
     note = note or {"pid": pid or os.getpid(), "host": socket.gethostname(), "started": time.time()}
     if finished:
         note["finished"] = time.time()
-    _write_atomic(path, json.dumps(note, indent=2))
+    write_text_atomic(path, json.dumps(note, indent=2))
     return path
 
 
@@ -299,13 +300,6 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:  # alive, someone else's
         return True
     return True
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    # A report is rewritten while people (or a browser) read it: never show a half-written file.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- writing the report
@@ -345,14 +339,13 @@ def write_report(sweep: Sweep) -> ReportFiles:
     """Write the CSV, the Markdown (table, best job, the figure) and the PNG into the sweep folder."""
     files = ReportFiles(sweep.path / REPORT_CSV, sweep.path / REPORT_MD, sweep.path / REPORT_PNG)
     columns, rows = table(sweep)
-    tmp = files.csv.with_name(f".{files.csv.name}.tmp-{os.getpid()}")
-    with tmp.open("w", newline="") as f:
+    # A report is rewritten while people (or a browser) read it: never show a half-written file.
+    with atomic_file(files.csv, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         writer.writerows([["" if v is None else v for v in row] for row in rows])
-    os.replace(tmp, files.csv)
     render_figure(sweep, files.png)
-    _write_atomic(files.markdown, markdown(sweep, files.png.name))
+    write_text_atomic(files.markdown, markdown(sweep, files.png.name))
     return files
 
 
@@ -564,7 +557,7 @@ class SweepReportCallback(Callback):
             # (docs/design.md, "Sweeps of multi-process jobs"): for the report it failed.
             note = {"status": FAILED, "error": f"the trial failed or diverged (reported {job_return.return_value})"}
         job_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(job_dir / JOB_STATE_FILE, json.dumps(note, indent=2))
+        write_text_atomic(job_dir / JOB_STATE_FILE, json.dumps(note, indent=2))
         if note["status"] == FAILED:
             self._report(Path(config.hydra.sweep.dir), use_wandb=False)
 

@@ -13,12 +13,12 @@ The special tokens are exactly :data:`~mha_lightning.data.vocab.SPECIAL_TOKENS` 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from mha_lightning.atomic import atomic_path
 from mha_lightning.data.vocab import EOS_ID, NUM_SPECIAL, SPECIAL_TOKENS, UNK_ID
 from mha_lightning.errors import ConfigError, DataError
 
@@ -126,15 +126,8 @@ class BPETokenizer:
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> None:
         """Write the tokenizer to one JSON file (atomically; parent dirs are created)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
+        with atomic_path(path) as tmp:
             self._tok.save(str(tmp))
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
 
     @classmethod
     def load(cls, path: str | Path) -> BPETokenizer:

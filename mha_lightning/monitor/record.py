@@ -27,7 +27,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from mha_lightning.atomic import atomic_file
 from mha_lightning.errors import ConfigError, DataError
 from mha_lightning.kinds import ATTENTION_KINDS
 
@@ -143,10 +143,8 @@ def drop_replayed_rows(path: str | Path, step: int) -> int:
     kept = [r for r in body if len(r) == len(header) and not replayed(r)]
     dropped = len(body) - len(kept)
     if dropped:
-        tmp = path.with_name(f".{path.name}.tmp")
-        with tmp.open("w", newline="") as f:
+        with atomic_file(path, "w", newline="") as f:
             csv.writer(f).writerows([header, *kept])
-        os.replace(tmp, path)
     return dropped
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from mha_lightning.checkpoint_folder import publish, sibling_path
+from mha_lightning.atomic import sibling_path
+from mha_lightning.checkpoint_folder import publish
 from mha_lightning.checkpoints import META_FILE
 
 

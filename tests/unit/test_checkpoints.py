@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from helpers.sharded import write_sharded
-from mha_lightning.checkpoint_folder import MANIFEST, sibling_path, verify, write_manifest
+from mha_lightning.atomic import sibling_path
+from mha_lightning.checkpoint_folder import MANIFEST, verify, write_manifest
 from mha_lightning.checkpoints import META_FILE, consolidate_main, newest_complete, read_info
 from mha_lightning.errors import CheckpointError
 
