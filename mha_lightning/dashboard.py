@@ -31,12 +31,19 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from mha_lightning.errors import ConfigError, DataError, UserError, exit_on_user_error, first_line
-from mha_lightning.kinds import ATTENTION_KINDS, collapse_key, entropy_key, heatmap_key, importance_key
+from mha_lightning.kinds import (
+    ATTENTION_KINDS,
+    KIND_LABELS,
+    collapse_key,
+    entropy_key,
+    heatmap_key,
+    importance_key,
+    layers_of_kind,
+)
 from mha_lightning.sweep_report import MULTIRUN_FILE, Sweep, read_sweep
 
 SPEC_FILE = "wandb_workspace.json"
 STEP_KEY = "trainer/global_step"  # Lightning's WandbLogger logs it with every row
-KIND_LABELS = {"enc_self": "encoder self-attention", "dec_self": "decoder self-attention", "cross": "cross-attention"}
 _RUN_CONFIG_PREFIX = "run_config."  # train() logs the resolved config as W&B config under run_config
 
 
@@ -71,7 +78,7 @@ class ModelShape:
 
     def layers(self, kind: str) -> int:
         """Layers of one attention kind (the encoder's for ``enc_self``, the decoder's otherwise)."""
-        return self.encoder_layers if kind == "enc_self" else self.decoder_layers
+        return layers_of_kind(kind, self.encoder_layers, self.decoder_layers)
 
     def cover(self, other: ModelShape) -> ModelShape:
         """The smallest shape holding both (a sweep's jobs may differ)."""

@@ -8,8 +8,16 @@ import re
 from typing import NamedTuple
 
 ATTENTION_KINDS = ("enc_self", "dec_self", "cross")
+# How figures, reports and the W&B workspace name each kind.
+KIND_LABELS = {"enc_self": "encoder self-attention", "dec_self": "decoder self-attention", "cross": "cross-attention"}
 
 _HEAD_NAME = re.compile(r"^(?P<kind>\w+?)/L(?P<layer>\d+)/H(?P<head>\d+)$")
+
+
+def layers_of_kind(kind: str, encoder_layers: int, decoder_layers: int) -> int:
+    """How many attention modules of ``kind`` a model of that depth has: the encoder's for ``enc_self``, the
+    decoder's for its self- and cross-attention."""
+    return encoder_layers if kind == "enc_self" else decoder_layers
 
 
 class Head(NamedTuple):

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from mha_lightning.errors import ConfigError
-from mha_lightning.kinds import Head
+from mha_lightning.kinds import Head, layers_of_kind
 from mha_lightning.model.attention import AttentionMask, KVCache, MultiHeadAttention, SDPACore
 from mha_lightning.model.dropout import Dropout
 from mha_lightning.model.vocabulary import VocabularyHead
@@ -91,7 +91,7 @@ class TransformerConfig:
 
     def layers_of(self, kind: str) -> int:
         """How many attention modules of ``kind`` the model has."""
-        return self.num_encoder_layers if kind == "enc_self" else self.num_decoder_layers
+        return layers_of_kind(kind, self.num_encoder_layers, self.num_decoder_layers)
 
     def masked_heads(self) -> list[Head]:
         """``head_mask`` as :class:`Head` values, checked against the model's shape (one-line ConfigError)."""

@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from mha_lightning.errors import ConfigError, DataError, exit_on_user_error
+from mha_lightning.kinds import KIND_LABELS
 from mha_lightning.monitor.record import (
     CSV_NAME,
     IMPORTANCE_CSV,
@@ -54,11 +55,6 @@ __all__ = [
     "main",
 ]
 _VALUE_LABELS = {"entropy": "entropy (nats)", "entropy_norm": "normalised entropy"}
-_KIND_LABELS = {
-    "enc_self": "encoder self-attention",
-    "dec_self": "decoder self-attention",
-    "cross": "cross-attention",
-}
 _ANNOTATE_MAX = 16  # annotate heatmap cells when both dimensions are <= this
 _PNG_DPI = 150
 
@@ -297,7 +293,7 @@ def plot_entropy_over_steps(
 
         sm = mpl.cm.ScalarMappable(cmap="viridis", norm=mpl.colors.Normalize(0, n_heads - 1))
         fig.colorbar(sm, ax=axes.ravel().tolist(), label="head", fraction=0.03)
-    fig.suptitle(f"{_KIND_LABELS.get(kind, kind)} — {_VALUE_LABELS[value]} per head ({split})", fontsize=12)
+    fig.suptitle(f"{KIND_LABELS.get(kind, kind)} — {_VALUE_LABELS[value]} per head ({split})", fontsize=12)
     return fig
 
 
@@ -347,7 +343,7 @@ def plot_heads_over_training(
             if row == 0:
                 ax.set_title(label, fontsize=10)
             if col == 0:
-                ax.set_ylabel(_KIND_LABELS.get(kind, kind), fontsize=9)
+                ax.set_ylabel(KIND_LABELS.get(kind, kind), fontsize=9)
                 ax.legend(fontsize=7, title="layer (range: its heads)", title_fontsize=7, frameon=False)
             if row == len(kinds) - 1:
                 ax.set_xlabel("step")
@@ -402,7 +398,7 @@ def render_all(
             (plot_entropy_over_steps(t, kind, split, value), out / f"curves_{kind}_{split}_{value}.png")
         ]
         for s, m in mats.items():
-            title = f"{_KIND_LABELS.get(kind, kind)} — {split}, step {s}"
+            title = f"{KIND_LABELS.get(kind, kind)} — {split}, step {s}"
             jobs.append(
                 (
                     heatmap_figure(m, title, _VALUE_LABELS[value], vmin=vmin, vmax=vmax),
