@@ -54,16 +54,19 @@ class HeadEntropyAccumulator:
 
 
 def global_head_state(accumulators: Iterable[HeadEntropyAccumulator], num_heads: int, tp_rank: int) -> Tensor:
-    """(layers, 4, num_heads): this rank's sums placed at its heads' global indices, zeros elsewhere.
+    """(layers, 4, num_heads): this rank's sums placed at its heads' global indices, zeros elsewhere, on the
+    device the sums are on.
 
     Summing this over every rank (one all-reduce) reports each head once, from the
     tensor-parallel rank that holds it, summed over the data-parallel ranks."""
     accumulators = list(accumulators)
-    out = torch.zeros(len(accumulators), 4, num_heads, dtype=torch.float64)
+    # On the accumulators' device: the caller's one all-reduce and one copy to the host, not one per layer.
+    device = next((acc.state.device for acc in accumulators if acc.state is not None), torch.device("cpu"))
+    out = torch.zeros(len(accumulators), 4, num_heads, dtype=torch.float64, device=device)
     for layer, acc in enumerate(accumulators):
         start = tp_rank * acc.local_heads
         if acc.state is not None:
-            out[layer, :, start : start + acc.local_heads] = acc.state.cpu()
+            out[layer, :, start : start + acc.local_heads] = acc.state
     return out
 
 
