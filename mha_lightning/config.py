@@ -90,6 +90,17 @@ class CompileConfig:
         return from_mapping(cls, values, "module.compile")
 
 
+# What a non-finite training loss or gradient norm does: stop the run (default), or skip the step.
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+def check_on_nonfinite(value: str) -> str:
+    """``module.on_nonfinite`` if it is a policy, else the one-line ConfigError (preflight and the module)."""
+    if value not in NONFINITE_POLICIES:
+        raise ConfigError(f"module.on_nonfinite={value!r} must be one of {list(NONFINITE_POLICIES)}")
+    return value
+
+
 @dataclass(frozen=True)
 class MonitorConfig:
     """The per-head entropy monitor (``monitor`` group); every field is a YAML key."""
@@ -384,10 +395,7 @@ def preflight(cfg: Any) -> RunPlan:
         raise ConfigError(f"model has no option {unknown[1] if unknown else e!r}; its options are {options}") from None
     _check_lengths(c.get("data") or {}, model)
     module = c.get("module") or {}
-    from mha_lightning.module import NONFINITE_POLICIES
-
-    if module.get("on_nonfinite", "stop") not in NONFINITE_POLICIES:
-        raise ConfigError(f"module.on_nonfinite={module['on_nonfinite']!r} must be one of {list(NONFINITE_POLICIES)}")
+    check_on_nonfinite(module.get("on_nonfinite", "stop"))
     decoding = DecodingConfig.from_dict(module.get("decoding"))
     if CompileConfig.from_dict(module.get("compile")).enabled and tp > 1:
         # Measured on torch 2.13: dynamo fails on the tensor-parallel regions (before sequence parallelism

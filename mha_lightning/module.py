@@ -16,7 +16,7 @@ from torchmetrics.text import CHRFScore, SacreBLEUScore
 from typing_extensions import override
 
 from mha_lightning import seeding
-from mha_lightning.config import CompileConfig, DecodingConfig, saved_layout
+from mha_lightning.config import CompileConfig, DecodingConfig, check_on_nonfinite, saved_layout
 from mha_lightning.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from mha_lightning.distributed import DP, ParallelConfig, collectives, ranks_of
 from mha_lightning.errors import ConfigError, NonFiniteError
@@ -25,10 +25,6 @@ from mha_lightning.model import Seq2SeqTransformer
 from mha_lightning.model.attention import SDPACore
 
 log = logging.getLogger(__name__)
-
-
-# What a non-finite training loss or gradient norm does: stop the run (default), or skip the step.
-NONFINITE_POLICIES = ("stop", "skip")
 
 
 class Seq2SeqModule(L.LightningModule):
@@ -57,9 +53,7 @@ class Seq2SeqModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.label_smoothing = label_smoothing
         self.decoding = DecodingConfig.from_dict(decoding)
-        if on_nonfinite not in NONFINITE_POLICIES:
-            raise ConfigError(f"module.on_nonfinite={on_nonfinite!r} must be one of {list(NONFINITE_POLICIES)}")
-        self.on_nonfinite = on_nonfinite
+        self.on_nonfinite = check_on_nonfinite(on_nonfinite)
         self.compile_config = CompileConfig.from_dict(compile)
         # The sharding techniques (``parallel``); on one device only activation checkpointing applies.
         self.parallel = ParallelConfig.from_dict(parallel)
