@@ -64,7 +64,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 class CompileConfig:
     """``torch.compile`` of the model's training forward (``module.compile``; docs/design.md, "Compiling")."""
 
-    enabled: bool = False  # off by default: on CPU it does not pay (README, "Training speed")
+    enabled: bool = False  # off by default: on CPU it does not pay (docs/performance.md, "Training speed")
     backend: str = "inductor"  # any of torch.compiler.list_backends(exclude_tags=()), e.g. aot_eager to debug
     mode: str = "default"  # or reduce-overhead, max-autotune, max-autotune-no-cudagraphs
 

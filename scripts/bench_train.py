@@ -602,7 +602,7 @@ def print_table(report: dict) -> None:
         f"({os.cpu_count()} cores)"
     )
     if spread["load_before"] > 0.5 or spread["max_round_spread"] > 0.15:
-        print("noise: the machine was not quiet; rerun when it is, or with --threads 1 (see README, 'Training speed')")
+        print("noise: the machine was not quiet; rerun when it is, or with --threads 1 (docs/performance.md)")
 
 
 def noise(results: dict, load_before: float, load_after: float) -> dict:
