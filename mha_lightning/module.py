@@ -19,6 +19,7 @@ from mha_lightning import seeding
 from mha_lightning.config import CompileConfig, DecodingConfig, saved_layout
 from mha_lightning.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from mha_lightning.distributed import DP, ParallelConfig, collectives, ranks_of
+from mha_lightning.distributed.accumulation import GradientAccumulation
 from mha_lightning.errors import ConfigError, NonFiniteError
 from mha_lightning.losses import smoothed_cross_entropy_sum
 from mha_lightning.model import Seq2SeqTransformer
@@ -72,6 +73,9 @@ class Seq2SeqModule(L.LightningModule):
         self._grad_norm: Tensor | None = None  # this step's total gradient norm, for clipping
         self.last_saved_step = -1  # the global step of the newest checkpoint this run wrote
         self.validated_step = -1  # the global step of the newest validation (sanity checks apart)
+        # trainer.accumulate_grad_batches micro-batches per optimizer step (set when fitting starts).
+        self.accumulation = GradientAccumulation(1)
+        self.window_ended = True  # the current micro-batch is its optimizer step's last (callbacks read it)
         # The model's own config travels with every checkpoint, so mha-eval can rebuild it.
         self.save_hyperparameters(
             {
@@ -124,6 +128,7 @@ class Seq2SeqModule(L.LightningModule):
     @override
     def on_fit_start(self) -> None:
         """Give each data-parallel replica its own stream (a resumed run restores its saved ones instead)."""
+        self.accumulation = GradientAccumulation(self.trainer.accumulate_grad_batches)
         if self._resumed_rng is None and self.dp_size > 1:
             # Every rank was seeded alike so that the model initialises identically everywhere; from
             # here, data-parallel replicas draw their own dropout masks (docs/design.md, "Randomness").
@@ -144,6 +149,14 @@ class Seq2SeqModule(L.LightningModule):
                 seed = seeding.step_seed(torch.initial_seed(), step)
                 torch.manual_seed(seeding.replica_seed(seed, self.dp_rank))
             self._resumed_rng = None
+        self._begin_micro_batch(batch_idx)
+
+    def _begin_micro_batch(self, batch_idx: int) -> None:
+        """Where this batch falls in its optimizer step's window of ``k`` micro-batches (Lightning's own rule:
+        a step after every k batches of the epoch, and after its last batch)."""
+        k = self.accumulation.k
+        self.window_ended = (batch_idx + 1) % k == 0 or batch_idx + 1 == self.trainer.num_training_batches
+        self.accumulation.begin(self.model, last=self.window_ended, first=batch_idx % k == 0)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -251,7 +264,8 @@ class Seq2SeqModule(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """-> the label-smoothed loss; logs its global per-token mean, accuracy and lr; counts the batch for resume."""
         loss_sum, predictions = self._training_loss_sum(batch)
-        loss, mean_loss = per_global_token(loss_sum, batch["tgt_out"], self._loss_dp_group())
+        tokens = (batch["tgt_out"] != PAD_ID).sum()
+        loss, mean_loss = self.accumulation.loss(loss_sum, tokens, self._loss_dp_group())
         loader = self.trainer.train_dataloader
         if hasattr(loader, "mark_step"):
             loader.mark_step()
@@ -261,11 +275,14 @@ class Seq2SeqModule(L.LightningModule):
             return self._nonfinite("loss", float(mean_loss))
         metrics = self.metrics["train_"]
         metrics["acc"](predictions, batch["tgt_out"])
-        bsz = batch["src"].shape[0]
-        self.log("train/loss", mean_loss, prog_bar=True, batch_size=bsz)
-        self.log("train/acc", metrics["acc"], prog_bar=True, batch_size=bsz)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bsz)
-        return loss
+        if self.window_ended:  # one row per optimizer step; the loss over the whole window's tokens
+            bsz = batch["src"].shape[0]
+            self.log("train/loss", self.accumulation.window_mean(), prog_bar=True, batch_size=bsz)
+            self.log("train/acc", metrics["acc"], prog_bar=True, batch_size=bsz)
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bsz)
+        # Lightning divides a micro-batch's loss by accumulate_grad_batches; ours is already over the window's
+        # normaliser (GradientAccumulation), so undo that division.
+        return loss * self.accumulation.k if self.accumulation.k > 1 else loss
 
     def _nonfinite(self, what: str, value: float) -> None:
         """Stop (raise), or skip this step's update and count it (``module.on_nonfinite``)."""
@@ -364,6 +381,7 @@ class Seq2SeqModule(L.LightningModule):
     @override
     def on_before_optimizer_step(self, optimizer) -> None:
         """A finite loss can still give non-finite gradients: stop or skip before they reach the weights."""
+        self.accumulation.finish(self.parameters())  # the window's gradients over its own target tokens
         collectives.reduce_partial_grads(self.parameters())  # sequence parallelism's norm weights
         norm = collectives.total_grad_norm(self.parameters())  # global over every mesh: all ranks agree
         self._grad_norm = norm
