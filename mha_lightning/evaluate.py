@@ -237,7 +237,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {}
     if args.input is not None:
         sources = read_sources(data, args.input, module.model.config.max_len - 1, lines)  # room for EOS
-        hyps = translate(module, sources, args.batch_size or data.eval_batch_size)
+        hyps = translate(module, sources, args.batch_size or data.eval_batch_size or 64)
     else:
         metrics, hyps = score_split(module, data, args.split)
         result.update(metrics, n=len(hyps))
