@@ -20,6 +20,7 @@ from mha_lightning.config import CompileConfig, DecodingConfig, saved_layout
 from mha_lightning.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from mha_lightning.distributed import DP, ParallelConfig, collectives, ranks_of
 from mha_lightning.distributed.accumulation import GradientAccumulation
+from mha_lightning.ema import EMAConfig, EMAWeights
 from mha_lightning.errors import ConfigError, NonFiniteError
 from mha_lightning.losses import smoothed_cross_entropy_sum
 from mha_lightning.model import Seq2SeqTransformer
@@ -51,6 +52,8 @@ class Seq2SeqModule(L.LightningModule):
         on_nonfinite: str = "stop",
         compile: CompileConfig | dict | None = None,
         parallel: ParallelConfig | dict | None = None,
+        test_decoding: DecodingConfig | dict | None = None,
+        ema: EMAConfig | dict | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -58,6 +61,14 @@ class Seq2SeqModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.label_smoothing = label_smoothing
         self.decoding = DecodingConfig.from_dict(decoding)
+        # The final test may decode otherwise than validation (a translation recipe: greedy while training, beam 5
+        # at the end); None: as validation.
+        self.test_decoding = DecodingConfig.from_dict(test_decoding) if test_decoding else None
+        # The weights' moving average (module.ema.decay), tracked once the model is sharded (configure_model).
+        self.ema_config = EMAConfig.from_dict(ema)
+        self.ema = EMAWeights(self.ema_config.decay) if self.ema_config.enabled else None
+        self._ema_swapped = False
+        self._ema_said = False
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ConfigError(f"module.on_nonfinite={on_nonfinite!r} must be one of {list(NONFINITE_POLICIES)}")
         self.on_nonfinite = on_nonfinite
@@ -79,6 +90,7 @@ class Seq2SeqModule(L.LightningModule):
         # The model's own config travels with every checkpoint, so mha-eval can rebuild it.
         self.save_hyperparameters(
             {
+                "ema_decay": self.ema_config.decay,
                 "model_config": model.hparams(),
                 "label_smoothing": label_smoothing,
                 "decoding": self.decoding.to_dict(),
@@ -119,6 +131,8 @@ class Seq2SeqModule(L.LightningModule):
 
                 apply_activation_checkpointing(self.model, self.parallel.activation_checkpointing)
             self._parallelized = True
+        if self.ema is not None and not self.ema.tracking:
+            self.ema.track(self.model)  # after sharding: the average is sharded like the weights
         compile = self.compile_config
         if compile.enabled and self._compiled_model is None:
             # The whole model, called as a module (its hooks included); lazily compiled at the first
@@ -175,6 +189,41 @@ class Seq2SeqModule(L.LightningModule):
         if wandb_ids and wandb_ids[0]:
             checkpoint["wandb_run_id"] = wandb_ids[0]  # a resumed run continues this W&B run
         self.last_saved_step = checkpoint["global_step"]
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """After each optimizer step: the moving average of the weights takes its step."""
+        if self.ema is not None and self.window_ended:
+            self.ema.update(self.model)
+
+    @override
+    def on_validation_start(self) -> None:
+        """Validate the moving average of the weights when there is one (module.ema)."""
+        self._use_ema(True)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        """The trained weights back, before any checkpoint of this validation is written."""
+        self._use_ema(False)
+
+    @override
+    def on_test_start(self) -> None:
+        """Test the moving average too, as validation does."""
+        self._use_ema(True)
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        """The trained weights back."""
+        self._use_ema(False)
+
+    def _use_ema(self, on: bool) -> None:
+        if self.ema is None or not self.ema.tracking or self._ema_swapped == on:
+            return
+        if on and not self._ema_said:
+            log.info("validating and testing with the EMA weights (module.ema.decay=%g)", self.ema.decay)
+            self._ema_said = True
+        self.ema.swap(self.model)
+        self._ema_swapped = on
 
     @override
     def on_validation_end(self) -> None:
@@ -310,7 +359,7 @@ class Seq2SeqModule(L.LightningModule):
         self.log(f"{prefix}/loss", mean_loss, batch_size=bsz, sync_dist=True)
         self.log(f"{prefix}/acc", m["acc"], batch_size=bsz)
         self.log(f"{prefix}/ppl", m["ppl"], batch_size=bsz)
-        hyp = self.generate(batch["src"])
+        hyp = self.generate(batch["src"], self.test_decoding if prefix == "test" else None)
         self._score(hyp, batch["tgt_out"], m, prefix, bsz)
         return hyp  # (B, L) ids: mha-eval writes them out in corpus order
 
@@ -347,9 +396,9 @@ class Seq2SeqModule(L.LightningModule):
         longest = int((src != PAD_ID).sum(1).max()) + self.decoding.max_extra_len
         return min(longest, self.model.config.max_len - 1)
 
-    def generate(self, src: Tensor) -> Tensor:
-        """Decode ``src`` (B, S) with ``self.decoding`` -> (B, L) ids without BOS, PAD after EOS."""
-        cfg = self.decoding
+    def generate(self, src: Tensor, decoding: DecodingConfig | None = None) -> Tensor:
+        """Decode ``src`` (B, S) with ``decoding`` (default: ``self.decoding``) -> (B, L) ids, no BOS, PAD after EOS."""
+        cfg = decoding or self.decoding
         # Every rank must run the same number of decoder steps (FSDP/TP collectives per step).
         max_len = collectives.all_max(self.decode_steps(src), src.device)
         return self.model.generate(
