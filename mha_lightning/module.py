@@ -336,10 +336,15 @@ class Seq2SeqModule(L.LightningModule):
     def _nonfinite(self, what: str, value: float) -> None:
         """Stop (raise), or skip this step's update and count it (``module.on_nonfinite``)."""
         if self.on_nonfinite == "stop":
-            raise NonFiniteError(
+            error = NonFiniteError(
                 f"the training {what} is {value} at step {self.global_step}; stopped before saving it "
                 "(lower module.optimizer.lr, keep trainer.gradient_clip_val, or set module.on_nonfinite=skip)"
             )
+            if self.global_rank == 0:
+                from mha_lightning.loggers import send_alert
+
+                send_alert(self.loggers, f"training stopped: non-finite {what}", str(error), "ERROR")
+            raise error
         self.skipped_steps += 1
         self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
         return None  # Lightning skips the backward pass and the update of a step that returns None
