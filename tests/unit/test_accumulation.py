@@ -96,6 +96,10 @@ def test_steps_validation_logs_and_checkpoints_count_optimizer_steps(make_cfg, t
     rows = list(csv.DictReader(open(next((tmp_path / "run" / "csv").rglob("metrics.csv")))))
     train_steps = [int(r["step"]) for r in rows if r.get("train/loss")]
     assert train_steps == list(range(6))  # one row per optimizer step, none per micro-batch
+    # The warmup schedule advanced once per optimizer step, not per micro-batch: lr_i = lr x (i + 1) / warmup.
+    warmup, lr = cfg.module.scheduler.warmup_steps, cfg.module.optimizer.lr
+    lrs = [float(r["train/lr"]) for r in rows if r.get("train/lr")]
+    assert lrs == pytest.approx([lr * (i + 1) / warmup for i in range(6)], rel=1e-6)
     val_steps = [int(r["step"]) for r in rows if r.get("val/loss")]
     assert val_steps == [2, 5]  # after optimizer steps 3 and 6 (Lightning logs at the step index)
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step*.ckpt"))
