@@ -17,9 +17,11 @@ import torch
 from torch import nn
 
 from mha_lightning.checkpoint_folder import verify
+from mha_lightning.ema import EMA_PREFIX, buffer_name, parameter_names
 from mha_lightning.errors import CheckpointError, exit_on_user_error, first_line
 
 MODEL_PREFIX = "model."
+WEIGHTS = ("raw", "ema")  # a checkpoint's trained weights, or their moving average (module.ema)
 # The file in which Lightning's ModelParallelStrategy stores a sharded checkpoint's non-tensor part.
 META_FILE = "meta.pt"
 # Model settings that change parameter shapes: a checkpoint only fits a model that agrees on them.
@@ -144,11 +146,17 @@ def check_compatible(info: CheckpointInfo, config: dict[str, Any], key: str = "c
         )
 
 
-def _load_sharded_weights(model: nn.Module, path: Path) -> None:
-    """Fill a single-device model from a DCP folder of any (dp, tp) layout: DCP reshards on load."""
+def _load_sharded_weights(model: nn.Module, path: Path, weights: str = "raw") -> None:
+    """Fill a single-device model from a DCP folder of any (dp, tp) layout: DCP reshards on load.
+    ``weights="ema"``: the parameters from the folder's moving average, the other buffers as trained."""
     import torch.distributed.checkpoint as dcp
 
     state = {MODEL_PREFIX + k: v for k, v in model.state_dict().items()}
+    if weights == "ema":
+        params = dict(model.named_parameters())
+        for name, owner in parameter_names(model).items():  # a tied weight's other names too: loaded once
+            state.pop(MODEL_PREFIX + name, None)
+            state[EMA_PREFIX + buffer_name(owner)] = params[owner].data
     try:
         dcp.load({"state_dict": state}, checkpoint_id=path, no_dist=True)
     except (dcp.CheckpointException, Exception) as e:  # CheckpointException derives from BaseException
@@ -156,15 +164,26 @@ def _load_sharded_weights(model: nn.Module, path: Path) -> None:
         raise CheckpointError(f"cannot read the weights of {path} ({reason}); use the same model config") from None
 
 
-def load_model_weights(model: nn.Module, info: CheckpointInfo) -> None:
-    """Load a (single-device) model's weights from a checkpoint of any tp/dp layout."""
+def load_model_weights(model: nn.Module, info: CheckpointInfo, weights: str = "raw") -> None:
+    """Load a (single-device) model's weights from a checkpoint of any tp/dp layout: the trained ones
+    (``weights="raw"``) or their moving average (``"ema"``, checkpoints of runs with ``module.ema``)."""
+    if weights not in WEIGHTS:
+        raise CheckpointError(f"weights={weights!r} must be one of {list(WEIGHTS)}")
+    if weights == "ema" and info.hparams.get("ema_decay") is None:
+        raise CheckpointError(f"{info.path} holds no EMA weights (its run had module.ema.decay=null); use raw weights")
     if info.sharded:
-        _load_sharded_weights(model, info.path)
+        _load_sharded_weights(model, info.path, weights)
         return
-    state = _torch_load(info.path).get("state_dict")
-    if not isinstance(state, dict):
+    saved = _torch_load(info.path).get("state_dict")
+    if not isinstance(saved, dict):
         raise CheckpointError(f"{info.path} has no 'state_dict'; is it a mha-train checkpoint?")
-    state = {k[len(MODEL_PREFIX) :]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
+    state = {k[len(MODEL_PREFIX) :]: v for k, v in saved.items() if k.startswith(MODEL_PREFIX)}
+    if weights == "ema":
+        for name, owner in parameter_names(model).items():  # a tied weight under each of its names
+            key = EMA_PREFIX + buffer_name(owner)
+            if key not in saved:
+                raise CheckpointError(f"{info.path} has no EMA weight for {owner}; use raw weights")
+            state[name] = saved[key]
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
@@ -181,13 +200,13 @@ def load_model_weights(model: nn.Module, info: CheckpointInfo) -> None:
         )
 
 
-def load_model(path: str | Path, key: str = "checkpoint") -> tuple[nn.Module, CheckpointInfo]:
-    """-> (the checkpoint's model, single-device, with its weights; its info)."""
+def load_model(path: str | Path, key: str = "checkpoint", weights: str = "raw") -> tuple[nn.Module, CheckpointInfo]:
+    """-> (the checkpoint's model, single-device, with its ``weights`` (raw or ema); its info)."""
     from mha_lightning.model import Seq2SeqTransformer
 
     info = read_info(path, key)
     model = Seq2SeqTransformer(**info.model_config)
-    load_model_weights(model, info)
+    load_model_weights(model, info, weights)
     return model, info
 
 

@@ -249,6 +249,7 @@ def _check_trainer(trainer: Mapping[str, Any]) -> None:
     max_steps = trainer.get("max_steps", -1)
     if not isinstance(max_steps, int) or isinstance(max_steps, bool) or (max_steps < 1 and max_steps != -1):
         raise ConfigError(f"trainer.max_steps must be a positive integer (or -1: train by epochs), got {max_steps!r}")
+    positive_int("trainer.accumulate_grad_batches", trainer.get("accumulate_grad_batches", 1))
     precision, accelerator = str(trainer.get("precision", "32-true")), str(trainer.get("accelerator", "auto"))
     if precision.startswith("bf16") and _runs_on_cpu(accelerator):
         raise ConfigError(

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from typing_extensions import override
 
 from mha_lightning.atomic import write_text_atomic
-from mha_lightning.checkpoints import CheckpointInfo, load_model
+from mha_lightning.checkpoints import WEIGHTS, CheckpointInfo, load_model, read_info
 from mha_lightning.data.batching import collate
 from mha_lightning.data.datamodule import strip_ids
 from mha_lightning.data.vocab import EOS_ID, NUM_SPECIAL
@@ -32,12 +32,16 @@ from mha_lightning.module import Seq2SeqModule
 
 
 def build_module(
-    path: str | Path, decoding_overrides: dict[str, Any] | None = None
+    path: str | Path, decoding_overrides: dict[str, Any] | None = None, weights: str | None = None
 ) -> tuple[Seq2SeqModule, CheckpointInfo]:
-    """The checkpoint's model in an evaluation module, decoding as the run did unless overridden."""
-    model, info = load_model(path)
+    """The checkpoint's model in an evaluation module, decoding as the run did unless overridden, with its
+    ``weights``: raw or ema (default: what the run validated with, ema when it kept an average)."""
+    if weights is None:
+        weights = "ema" if read_info(path).hparams.get("ema_decay") is not None else "raw"
+    model, info = load_model(path, weights=weights)
     decoding = {**info.decoding, **{k: v for k, v in (decoding_overrides or {}).items() if v is not None}}
     module = Seq2SeqModule(model, label_smoothing=info.hparams.get("label_smoothing", 0.0), decoding=decoding)
+    module.weights = weights  # reported with the scores
     return module.eval(), info
 
 
@@ -207,6 +211,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-extra-len", type=int, help="default: the checkpoint's")
     p.add_argument("--batch-size", type=int, help="default: the run's data.eval_batch_size")
     p.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        help="the trained weights or their moving average (module.ema); default: what the run validated with",
+    )
+    p.add_argument(
         "--head-mask",
         default="",
         help="remove these heads too, comma-separated, e.g. cross/L1/H3,enc_self/L0/H0 (names as in mha-analyze)",
@@ -226,19 +235,20 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     lines = read_input(args.input) if args.input is not None else None
     output = args.output or Path(args.checkpoint).parent / f"{args.input.stem if args.input else args.split}.hyp.txt"
     check_writable(output)
-    module, info = build_module(args.checkpoint, overrides)
+    module, info = build_module(args.checkpoint, overrides, args.weights)
     if args.head_mask:
         remove_heads(module.model, args.head_mask.split(","))
     data = build_datamodule(info, args.batch_size)
     result: dict[str, Any] = {}
     if args.input is not None:
         sources = read_sources(data, args.input, module.model.config.max_len - 1, lines)  # room for EOS
-        hyps = translate(module, sources, args.batch_size or data.eval_batch_size)
+        hyps = translate(module, sources, args.batch_size or data.eval_batch_size or 64)
     else:
         metrics, hyps = score_split(module, data, args.split)
         result.update(metrics, n=len(hyps))
     write_hypotheses(output, "".join(data.detokenize(h + [EOS_ID]) + "\n" for h in hyps))
     result["decoding"] = module.decoding.to_dict()
+    result["weights"] = module.weights
     return {"hypotheses": str(output), **result}
 
 

@@ -114,3 +114,17 @@ def _unreachable(base_url: str) -> str | None:
     if not outcome:
         return f"{what} did not answer within {REACH_TIMEOUT_SECONDS:g} s"
     return None if outcome[0] is None else f"{what} cannot be reached ({outcome[0]})"
+
+
+def send_alert(loggers: list, title: str, text: str, level: str) -> int:
+    """A W&B alert (``run.alert``; recorded in the run file when offline, sent when synced) on every W&B logger
+    of ``loggers`` -> how many were sent. Call it from global rank 0 only (its loggers hold the run)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    sent = 0
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            # wait_duration 0: W&B would otherwise drop a second alert of the same title within a minute.
+            lg.experiment.alert(title=title, text=text, level=level, wait_duration=0)
+            sent += 1
+    return sent

@@ -19,6 +19,8 @@ from mha_lightning import seeding
 from mha_lightning.config import CompileConfig, DecodingConfig, check_on_nonfinite, saved_layout
 from mha_lightning.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from mha_lightning.distributed import DP, ParallelConfig, collectives, ranks_of
+from mha_lightning.distributed.accumulation import GradientAccumulation
+from mha_lightning.ema import EMAConfig, EMAWeights
 from mha_lightning.errors import ConfigError, NonFiniteError
 from mha_lightning.losses import smoothed_cross_entropy_sum
 from mha_lightning.model import Seq2SeqTransformer
@@ -46,6 +48,8 @@ class Seq2SeqModule(L.LightningModule):
         on_nonfinite: str = "stop",
         compile: CompileConfig | dict | None = None,
         parallel: ParallelConfig | dict | None = None,
+        test_decoding: DecodingConfig | dict | None = None,
+        ema: EMAConfig | dict | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -53,6 +57,14 @@ class Seq2SeqModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.label_smoothing = label_smoothing
         self.decoding = DecodingConfig.from_dict(decoding)
+        # The final test may decode otherwise than validation (a translation recipe: greedy while training, beam 5
+        # at the end); None: as validation.
+        self.test_decoding = DecodingConfig.from_dict(test_decoding) if test_decoding else None
+        # The weights' moving average (module.ema.decay), tracked once the model is sharded (configure_model).
+        self.ema_config = EMAConfig.from_dict(ema)
+        self.ema = EMAWeights(self.ema_config.decay) if self.ema_config.enabled else None
+        self._ema_swapped = False
+        self._ema_said = False
         self.on_nonfinite = check_on_nonfinite(on_nonfinite)
         self.compile_config = CompileConfig.from_dict(compile)
         # The sharding techniques (``parallel``); on one device only activation checkpointing applies.
@@ -66,9 +78,13 @@ class Seq2SeqModule(L.LightningModule):
         self._grad_norm: Tensor | None = None  # this step's total gradient norm, for clipping
         self.last_saved_step = -1  # the global step of the newest checkpoint this run wrote
         self.validated_step = -1  # the global step of the newest validation (sanity checks apart)
+        # trainer.accumulate_grad_batches micro-batches per optimizer step (set when fitting starts).
+        self.accumulation = GradientAccumulation(1)
+        self.window_ended = True  # the current micro-batch is its optimizer step's last (callbacks read it)
         # The model's own config travels with every checkpoint, so mha-eval can rebuild it.
         self.save_hyperparameters(
             {
+                "ema_decay": self.ema_config.decay,
                 "model_config": model.hparams(),
                 "label_smoothing": label_smoothing,
                 "decoding": self.decoding.to_dict(),
@@ -109,6 +125,8 @@ class Seq2SeqModule(L.LightningModule):
 
                 apply_activation_checkpointing(self.model, self.parallel.activation_checkpointing)
             self._parallelized = True
+        if self.ema is not None and not self.ema.tracking:
+            self.ema.track(self.model)  # after sharding: the average is sharded like the weights
         compile = self.compile_config
         if compile.enabled and self._compiled_model is None:
             # The whole model, called as a module (its hooks included); lazily compiled at the first
@@ -118,6 +136,7 @@ class Seq2SeqModule(L.LightningModule):
     @override
     def on_fit_start(self) -> None:
         """Give each data-parallel replica its own stream (a resumed run restores its saved ones instead)."""
+        self.accumulation = GradientAccumulation(self.trainer.accumulate_grad_batches)
         if self._resumed_rng is None and self.dp_size > 1:
             # Every rank was seeded alike so that the model initialises identically everywhere; from
             # here, data-parallel replicas draw their own dropout masks (docs/design.md, "Randomness").
@@ -138,6 +157,14 @@ class Seq2SeqModule(L.LightningModule):
                 seed = seeding.step_seed(torch.initial_seed(), step)
                 torch.manual_seed(seeding.replica_seed(seed, self.dp_rank))
             self._resumed_rng = None
+        self._begin_micro_batch(batch_idx)
+
+    def _begin_micro_batch(self, batch_idx: int) -> None:
+        """Where this batch falls in its optimizer step's window of ``k`` micro-batches (Lightning's own rule:
+        a step after every k batches of the epoch, and after its last batch)."""
+        k = self.accumulation.k
+        self.window_ended = (batch_idx + 1) % k == 0 or batch_idx + 1 == self.trainer.num_training_batches
+        self.accumulation.begin(self.model, last=self.window_ended, first=batch_idx % k == 0)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -156,6 +183,41 @@ class Seq2SeqModule(L.LightningModule):
         if wandb_ids and wandb_ids[0]:
             checkpoint["wandb_run_id"] = wandb_ids[0]  # a resumed run continues this W&B run
         self.last_saved_step = checkpoint["global_step"]
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """After each optimizer step: the moving average of the weights takes its step."""
+        if self.ema is not None and self.window_ended:
+            self.ema.update(self.model)
+
+    @override
+    def on_validation_start(self) -> None:
+        """Validate the moving average of the weights when there is one (module.ema)."""
+        self._use_ema(True)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        """The trained weights back, before any checkpoint of this validation is written."""
+        self._use_ema(False)
+
+    @override
+    def on_test_start(self) -> None:
+        """Test the moving average too, as validation does."""
+        self._use_ema(True)
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        """The trained weights back."""
+        self._use_ema(False)
+
+    def _use_ema(self, on: bool) -> None:
+        if self.ema is None or not self.ema.tracking or self._ema_swapped == on:
+            return
+        if on and not self._ema_said:
+            log.info("validating and testing with the EMA weights (module.ema.decay=%g)", self.ema.decay)
+            self._ema_said = True
+        self.ema.swap(self.model)
+        self._ema_swapped = on
 
     @override
     def on_validation_end(self) -> None:
@@ -245,7 +307,8 @@ class Seq2SeqModule(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """-> the label-smoothed loss; logs its global per-token mean, accuracy and lr; counts the batch for resume."""
         loss_sum, predictions = self._training_loss_sum(batch)
-        loss, mean_loss = per_global_token(loss_sum, batch["tgt_out"], self._loss_dp_group())
+        tokens = (batch["tgt_out"] != PAD_ID).sum()
+        loss, mean_loss = self.accumulation.loss(loss_sum, tokens, self._loss_dp_group())
         loader = self.trainer.train_dataloader
         if hasattr(loader, "mark_step"):
             loader.mark_step()
@@ -255,19 +318,27 @@ class Seq2SeqModule(L.LightningModule):
             return self._nonfinite("loss", float(mean_loss))
         metrics = self.metrics["train_"]
         metrics["acc"](predictions, batch["tgt_out"])
-        bsz = batch["src"].shape[0]
-        self.log("train/loss", mean_loss, prog_bar=True, batch_size=bsz)
-        self.log("train/acc", metrics["acc"], prog_bar=True, batch_size=bsz)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bsz)
-        return loss
+        if self.window_ended:  # one row per optimizer step; the loss over the whole window's tokens
+            bsz = batch["src"].shape[0]
+            self.log("train/loss", self.accumulation.window_mean(), prog_bar=True, batch_size=bsz)
+            self.log("train/acc", metrics["acc"], prog_bar=True, batch_size=bsz)
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bsz)
+        # Lightning divides a micro-batch's loss by accumulate_grad_batches; ours is already over the window's
+        # normaliser (GradientAccumulation), so undo that division.
+        return loss * self.accumulation.k if self.accumulation.k > 1 else loss
 
     def _nonfinite(self, what: str, value: float) -> None:
         """Stop (raise), or skip this step's update and count it (``module.on_nonfinite``)."""
         if self.on_nonfinite == "stop":
-            raise NonFiniteError(
+            error = NonFiniteError(
                 f"the training {what} is {value} at step {self.global_step}; stopped before saving it "
                 "(lower module.optimizer.lr, keep trainer.gradient_clip_val, or set module.on_nonfinite=skip)"
             )
+            if self.global_rank == 0:
+                from mha_lightning.loggers import send_alert
+
+                send_alert(self.loggers, f"training stopped: non-finite {what}", str(error), "ERROR")
+            raise error
         self.skipped_steps += 1
         self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
         return None  # Lightning skips the backward pass and the update of a step that returns None
@@ -287,7 +358,7 @@ class Seq2SeqModule(L.LightningModule):
         self.log(f"{prefix}/loss", mean_loss, batch_size=bsz, sync_dist=True)
         self.log(f"{prefix}/acc", m["acc"], batch_size=bsz)
         self.log(f"{prefix}/ppl", m["ppl"], batch_size=bsz)
-        hyp = self.generate(batch["src"])
+        hyp = self.generate(batch["src"], self.test_decoding if prefix == "test" else None)
         self._score(hyp, batch["tgt_out"], m, prefix, bsz)
         return hyp  # (B, L) ids: mha-eval writes them out in corpus order
 
@@ -324,9 +395,9 @@ class Seq2SeqModule(L.LightningModule):
         longest = int((src != PAD_ID).sum(1).max()) + self.decoding.max_extra_len
         return min(longest, self.model.config.max_len - 1)
 
-    def generate(self, src: Tensor) -> Tensor:
-        """Decode ``src`` (B, S) with ``self.decoding`` -> (B, L) ids without BOS, PAD after EOS."""
-        cfg = self.decoding
+    def generate(self, src: Tensor, decoding: DecodingConfig | None = None) -> Tensor:
+        """Decode ``src`` (B, S) with ``decoding`` (default: ``self.decoding``) -> (B, L) ids, no BOS, PAD after EOS."""
+        cfg = decoding or self.decoding
         # Every rank must run the same number of decoder steps (FSDP/TP collectives per step).
         max_len = collectives.all_max(self.decode_steps(src), src.device)
         return self.model.generate(
@@ -358,6 +429,7 @@ class Seq2SeqModule(L.LightningModule):
     @override
     def on_before_optimizer_step(self, optimizer) -> None:
         """A finite loss can still give non-finite gradients: stop or skip before they reach the weights."""
+        self.accumulation.finish(self.parameters())  # the window's gradients over its own target tokens
         collectives.reduce_partial_grads(self.parameters())  # sequence parallelism's norm weights
         norm = collectives.total_grad_norm(self.parameters())  # global over every mesh: all ranks agree
         self._grad_norm = norm

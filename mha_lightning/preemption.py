@@ -59,6 +59,8 @@ class PreemptionCheckpoint(L.Callback):
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if not getattr(pl_module, "window_ended", True):
+            return  # between the micro-batches of one optimizer step: their gradients are in no checkpoint
         received = self._received
         if trainer.world_size > 1:  # every rank ends every step here: the agreement is a collective
             received = all_max(received, trainer.strategy.root_device)

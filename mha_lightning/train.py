@@ -167,6 +167,11 @@ def build_trainer(cfg: DictConfig, plan: RunPlan, loggers: list) -> Any:
         from mha_lightning.checkpoint_io import AtomicCheckpointIO  # here: imports torch and Lightning
 
         extra["plugins"] = [AtomicCheckpointIO()]
+    k = cfg.trainer.get("accumulate_grad_batches", 1) or 1
+    interval = cfg.trainer.get("val_check_interval")
+    if k > 1 and isinstance(interval, int) and not isinstance(interval, bool):
+        # Lightning counts val_check_interval in batches; ours is in optimizer steps, each of k batches.
+        extra["val_check_interval"] = interval * k
     return instantiate(
         cfg.trainer,
         config_key="trainer",

@@ -54,18 +54,23 @@ class BucketBatchSampler(Sampler[list[int]]):
     Every replica gets the same number of batches (collectives stay in lockstep): with
     ``drop_last=False`` a short last global batch is topped up to a multiple of
     ``num_replicas`` (at most num_replicas - 1 repeated examples; none on one device).
+
+    ``max_tokens`` (with ``sizes``: each example's padded length, the longer of its source and
+    target with EOS/BOS) batches by tokens instead: :class:`TokenBatches`.
     """
 
     def __init__(
         self,
         lengths: Sequence[int],
-        batch_size: int,
+        batch_size: int | None,
         shuffle: bool = True,
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
         drop_last: bool = False,
         pool_factor: int = 50,
+        max_tokens: int | None = None,
+        sizes: Sequence[int] | None = None,
     ) -> None:
         self.lengths = list(lengths)
         self.batch_size = batch_size
@@ -75,10 +80,24 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.rank = rank
         self.drop_last = drop_last
         self.pool_factor = pool_factor
+        self.tokens = TokenBatches(sizes, max_tokens, batch_size) if max_tokens is not None else None
         self.epoch = 0
         self._start = 0  # batches of the current epoch already consumed (on resume)
+        self._cache: tuple[int, list[list[list[int]]]] | None = None  # (epoch, its global batches)
 
-    def _global_batches(self) -> list[list[int]]:
+    def _global_batches(self) -> list[list[list[int]]]:
+        """This epoch's global batches, each as its replicas' parts (computed once per epoch)."""
+        if self._cache is not None and self._cache[0] == self.epoch:
+            return self._cache[1]
+        if self.tokens is not None:
+            batches = self._token_batches()
+        else:
+            n = self.num_replicas  # a sized global batch is cut into equal contiguous slices
+            batches = [[b[r * len(b) // n : (r + 1) * len(b) // n] for r in range(n)] for b in self._sized_batches()]
+        self._cache = (self.epoch, batches)
+        return batches
+
+    def _sized_batches(self) -> list[list[int]]:
         n, size = len(self.lengths), self.batch_size * self.num_replicas
         order = list(range(n))
         rng = random.Random(self.seed + self.epoch)
@@ -105,11 +124,21 @@ class BucketBatchSampler(Sampler[list[int]]):
             rng.shuffle(batches)
         return batches
 
+    def _token_batches(self) -> list[list[list[int]]]:
+        """Global batches of ``num_replicas`` token batches each, shuffled."""
+        rng = random.Random(self.seed + self.epoch)
+        order = list(range(len(self.tokens.sizes)))
+        if self.shuffle:
+            rng.shuffle(order)
+        groups = self.tokens.global_batches(order, self.num_replicas, pool=self.pool_factor * 100)
+        if self.shuffle:
+            rng.shuffle(groups)
+        return groups
+
     def __iter__(self) -> Iterator[list[int]]:
         start, self._start = self._start, 0
-        for batch in self._global_batches()[start:]:
-            per = len(batch) // self.num_replicas
-            yield batch[self.rank * per : (self.rank + 1) * per]
+        for parts in self._global_batches()[start:]:
+            yield parts[self.rank]
 
     def __len__(self) -> int:
         return len(self._global_batches())
@@ -118,25 +147,91 @@ class BucketBatchSampler(Sampler[list[int]]):
         """Reshuffle for ``epoch`` (the order is a function of seed + epoch)."""
         self.epoch = epoch
 
+    def padded_tokens(self) -> list[int]:
+        """Padded tokens of each of this epoch's batches on this replica (source or target, whichever is longer)."""
+        sizes = self.tokens.sizes if self.tokens is not None else [length + 1 for length in self.lengths]
+        return [len(p[self.rank]) * max(sizes[i] for i in p[self.rank]) for p in self._global_batches()]
+
     def state_dict(self, consumed: int) -> dict:
         """The epoch, ``consumed``: global batches of it already taken, and their size (examples)."""
-        return {"epoch": self.epoch, "consumed": consumed, "global_batch": self.batch_size * self.num_replicas}
+        state = {"epoch": self.epoch, "consumed": consumed, "global_batch": self._global_size()}
+        if self.tokens is not None:
+            state["epoch_batches"] = len(self)  # at another layout the epoch has another number of batches
+        return state
+
+    def _global_size(self) -> int | str:
+        if self.tokens is not None:  # token batches: a resume at another layout skips by batch count
+            return f"tokens:{self.tokens.max_tokens}x{self.num_replicas}"
+        return self.batch_size * self.num_replicas
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at a :meth:`state_dict`: the next iteration skips the consumed batches. Saved with another
         global batch size (another data-parallel size): as many examples as were taken are skipped
         (rounded down to whole batches), the same position in the epoch within one batch."""
         self.epoch = state["epoch"]
-        size, saved = self.batch_size * self.num_replicas, state.get("global_batch")
-        self._start = state["consumed"] if saved in (None, size) else state["consumed"] * saved // size
+        size, saved = self._global_size(), state.get("global_batch")
+        if saved in (None, size):
+            self._start = state["consumed"]
+        elif isinstance(size, int) and isinstance(saved, int):
+            self._start = state["consumed"] * saved // size
+        else:  # token batches, or a change between token and sized ones: the same fraction of the epoch
+            self._start = state["consumed"] * len(self) // max(1, state.get("epoch_batches") or len(self))
         if saved not in (None, size):
             log.info(
-                "resuming with global batches of %d examples (saved: %d): epoch %d continues after %d of them",
+                "resuming with global batches of %s (saved: %s): epoch %d continues after %d of them",
                 size,
                 saved,
                 self.epoch,
                 self._start,
             )
+
+
+class TokenBatches:
+    """Batching by tokens (fairseq's ``--max-tokens``): each replica's batch holds at most ``max_tokens``
+    padded tokens (examples x the longest example's ``sizes``) and at most ``batch_size`` examples.
+
+    Examples are sorted by size within pools (shuffled first, so the pools and the order among equal sizes
+    change every epoch) and cut greedily into batches; ``num_replicas`` consecutive batches, of similar
+    lengths, make one global batch, so every replica gets the same number of batches. Left over at the end:
+    fewer batches than replicas, whose largest is split in two until there are enough (a single example
+    is repeated only when there are fewer examples than replicas)."""
+
+    def __init__(self, sizes: Sequence[int] | None, max_tokens: int, batch_size: int | None = None) -> None:
+        if sizes is None:
+            raise ValueError("token batching needs each example's size")
+        self.sizes = list(sizes)
+        self.max_tokens = max_tokens
+        self.batch_size = batch_size
+
+    def batches(self, order: Sequence[int], pool: int) -> list[list[int]]:
+        """``order`` cut into token batches, each sorted by size, in the order the pools give them."""
+        out: list[list[int]] = []
+        for p in range(0, len(order), pool):
+            current: list[int] = []
+            for i in sorted(order[p : p + pool], key=lambda j: self.sizes[j]):
+                # Sorted ascending: the new example is the batch's longest.
+                full = (len(current) + 1) * self.sizes[i] > self.max_tokens
+                if current and (full or (self.batch_size is not None and len(current) == self.batch_size)):
+                    out.append(current)
+                    current = []
+                current.append(i)
+            if current:
+                out.append(current)
+        return out
+
+    def global_batches(self, order: Sequence[int], replicas: int, pool: int) -> list[list[list[int]]]:
+        """Groups of ``replicas`` token batches (one per replica)."""
+        batches = self.batches(order, pool)
+        whole = len(batches) - len(batches) % replicas
+        groups = [batches[g : g + replicas] for g in range(0, whole, replicas)]
+        rest = batches[whole:]
+        if rest:
+            while len(rest) < replicas:
+                largest = max(range(len(rest)), key=lambda b: len(rest[b]))
+                b = rest.pop(largest)
+                rest += [b[: len(b) // 2], b[len(b) // 2 :]] if len(b) > 1 else [b, list(b)]
+            groups.append(rest)
+        return groups
 
 
 class ResumableDataLoader(DataLoader):

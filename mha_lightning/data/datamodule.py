@@ -25,16 +25,24 @@ class Seq2SeqDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        batch_size: int = 64,
+        batch_size: int | None = 64,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
         probe_size: int = 32,
+        max_tokens: int | None = None,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ConfigError(f"data.batch_size must be positive, got {batch_size}")
+        if batch_size is None and max_tokens is None:
+            raise ConfigError(
+                "set data.batch_size (sentences per batch), data.max_tokens (padded tokens per batch) or both; "
+                "both are null"
+            )
+        for key, value in (("batch_size", batch_size), ("max_tokens", max_tokens)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"data.{key} must be a positive integer (or null), got {value!r}")
         self.batch_size = batch_size
+        self.max_tokens = max_tokens  # per replica; with batch_size, both limits hold
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.seed = seed
@@ -63,20 +71,43 @@ class Seq2SeqDataModule(L.LightningDataModule):
         None for translation."""
         return None
 
+    def _check_max_tokens(self, max_len: int) -> None:
+        """A batch of ``max_tokens`` must hold the longest sentence allowed (``max_len`` + EOS/BOS)."""
+        if self.max_tokens is not None and self.max_tokens < max_len + 1:
+            raise ConfigError(
+                f"data.max_tokens ({self.max_tokens}) is smaller than the longest allowed sentence, data.max_len "
+                f"({max_len}) + 1 (EOS/BOS) = {max_len + 1} tokens; raise data.max_tokens or lower data.max_len"
+            )
+
     def _sampler_kwargs(self) -> dict:
         kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer else None
         return kwargs or {"num_replicas": 1, "rank": 0}
 
     def _loader(self, split: str, train: bool) -> ResumableDataLoader:
         pairs = self.splits[split]
+        batch_size = self.batch_size if train else self.eval_batch_size
+        # Token batches for training, and for evaluation unless data.eval_batch_size says how many sentences.
+        by_tokens = self.max_tokens is not None and (train or batch_size is None)
         sampler = BucketBatchSampler(
             [len(s) + len(t) for s, t in pairs],
-            batch_size=self.batch_size if train else self.eval_batch_size,
+            batch_size=batch_size,
             shuffle=train,
             seed=self.seed,
             drop_last=train,
+            max_tokens=self.max_tokens if by_tokens else None,
+            sizes=[max(len(s), len(t)) + 1 for s, t in pairs],  # EOS on the source, BOS/EOS on the target
             **self._sampler_kwargs(),
         )
+        if train and by_tokens:
+            padded = sampler.padded_tokens()
+            log.info(
+                "token batches (data.max_tokens=%d per replica): %d batches per epoch per replica, padded tokens "
+                "per batch mean %.0f, max %d",
+                self.max_tokens,
+                len(padded),
+                sum(padded) / len(padded),
+                max(padded),
+            )
         return ResumableDataLoader(
             PairDataset(pairs),
             sampler,
@@ -129,6 +160,7 @@ class SyntheticDataModule(Seq2SeqDataModule):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        self._check_max_tokens(max_len)
         from mha_lightning.data.synthetic import generate
 
         self.task = task
@@ -179,6 +211,7 @@ class TextDataModule(Seq2SeqDataModule):
                 f"data.max_len must be an integer >= max(1, data.min_len={min_len}) (tokens per sentence), "
                 f"got {max_len!r}"
             )
+        self._check_max_tokens(max_len)
         has_test = test is not None and any(v is not None for v in test.values())
         self.files = {"train": dict(train), "val": dict(val), "test": dict(test) if has_test else None}
         self.tokenizer_path = Path(tokenizer_path)

@@ -21,6 +21,7 @@ from typing_extensions import override
 from mha_lightning.config import MonitorConfig
 from mha_lightning.distributed import ranks_of
 from mha_lightning.kinds import collapse_key, entropy_key, heatmap_key, importance_key
+from mha_lightning.loggers import send_alert
 from mha_lightning.model import ATTENTION_KINDS, ProbingCore
 from mha_lightning.monitor.entropy import HeadEntropyAccumulator, finalize, global_head_state
 from mha_lightning.monitor.importance import append_importance, probe_importance
@@ -176,15 +177,16 @@ class EntropyMonitor(L.Callback):
             for (layer, head), h in np.ndenumerate(ent):
                 metrics[entropy_key(kind, layer, head, split)] = float(h)
                 metrics[entropy_key(kind, layer, head, split, normalised=True)] = float(norm[layer, head])
-        metrics.update(self._collapse_check(split, step, values))
+        metrics.update(self._collapse_check(split, step, values, trainer.loggers))
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         if self.log_images:
             self._log_heatmaps(trainer, split, step, values)
         append_rows(record_path(self.output_dir), split, step, values)
 
-    def _collapse_check(self, split: str, step: int, values) -> dict[str, float]:
-        """Zhai et al. 2023: heads whose normalised entropy falls near 0 attend to one key."""
+    def _collapse_check(self, split: str, step: int, values, loggers: list = ()) -> dict[str, float]:
+        """Zhai et al. 2023: heads whose normalised entropy falls near 0 attend to one key. The first time a head
+        does, a warning and a W&B alert (level WARN) naming the head, the step and the value."""
         counts = {}
         for kind, (_, norm) in values.items():
             low = np.argwhere(np.nan_to_num(norm, nan=1.0) < self.collapse_threshold)
@@ -204,7 +206,24 @@ class EntropyMonitor(L.Callback):
                         step,
                         split,
                     )
+                    value = float(norm[layer, head])
+                    send_alert(
+                        list(loggers),
+                        f"attention entropy collapse: {kind}/L{int(layer)}/H{int(head)}",
+                        f"{kind} layer {int(layer)} head {int(head)}: normalised entropy {value:.4f} < "
+                        f"monitor.collapse_threshold {self.collapse_threshold:g} at step {step} ({split})",
+                        "WARN",
+                    )
         return counts
+
+    @override
+    def state_dict(self) -> dict:
+        """The heads already reported: a resumed run (the same W&B run) does not report them again."""
+        return {"collapsed": sorted(self._collapsed)}
+
+    @override
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._collapsed = {tuple(key) for key in state_dict.get("collapsed", [])}
 
     def _log_heatmaps(self, trainer, split: str, step: int, values) -> None:
         wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]

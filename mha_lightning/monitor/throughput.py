@@ -66,6 +66,8 @@ class ThroughputMonitor(L.Callback):
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx):
+        if not getattr(pl_module, "window_ended", True):
+            return  # a micro-batch of a step still accumulating: its tokens count towards that step
         self._steps += 1
         if trainer.global_step % trainer.log_every_n_steps or self._tokens is None:
             return

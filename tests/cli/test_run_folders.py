@@ -105,7 +105,7 @@ def text_run(tmp_path_factory):
 BASE = [*RUN, *STEPS, "resume=auto"]
 # case -> (overrides on top of the finished run's, what the line says); "{bad}" is the folder of bad inputs.
 DATA_TIME = {
-    "data.batch_size=0": (["data.batch_size=0"], ["data.batch_size must be positive, got 0"]),
+    "data.batch_size=0": (["data.batch_size=0"], ["data.batch_size must be a positive integer (or null), got 0"]),
     "data.max_len=-1": (["data.max_len=-1"], ["data.max_len must be an integer", "got -1"]),
     "seed=-1": (["seed=-1"], ["seed must be an integer from 0 to 4294967295, got -1"]),
     "+foo=1": (["+foo=1"], ["foo is not a setting of mha-train", "+trainer.profiler=simple"]),

@@ -52,6 +52,10 @@ def test_a_file_that_is_no_checkpoint_is_refused(make_cfg, tmp_path):
         (["module=cosine", "trainer.max_steps=-1", "trainer.max_epochs=2"], "total_steps"),
         (["module.optimizer.lr=-1"], "module.optimizer"),
         (["data.max_len=200"], "data.max_len"),
+        (["data.max_tokens=12"], "data.max_tokens"),  # below data.max_len (12) + 1
+        (["data.batch_size=null"], "data.batch_size"),  # and data.max_tokens null: no limit at all
+        (["module.ema.decay=1.0"], "module.ema.decay"),
+        (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches"),
     ],
 )
 def test_bad_training_settings_fail_before_training(make_cfg, overrides, key):

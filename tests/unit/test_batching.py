@@ -269,3 +269,108 @@ def test_synthetic_datamodule_splits_and_loaders():
     assert dm.probe_batch()["src"].shape[0] == 20
     with pytest.raises(ConfigError, match="data.task"):
         SyntheticDataModule(task="nope")
+
+
+# --------------------------------------------------------------------------- batches by tokens
+def token_corpus(n: int = 400, seed: int = 3) -> list[tuple[list[int], list[int]]]:
+    """Pairs whose source and target lengths differ (either may be the longer), 1 to 40 tokens."""
+    rng = random.Random(seed)
+    return [([5] * rng.randint(1, 40), [6] * rng.randint(1, 40)) for _ in range(n)]
+
+
+def token_sampler(pairs, rank=0, replicas=1, max_tokens=200, batch_size=None, **kwargs) -> BucketBatchSampler:
+    return BucketBatchSampler(
+        [len(s) + len(t) for s, t in pairs],
+        batch_size=batch_size,
+        num_replicas=replicas,
+        rank=rank,
+        max_tokens=max_tokens,
+        sizes=[max(len(s), len(t)) + 1 for s, t in pairs],
+        **kwargs,
+    )
+
+
+def padded(pairs, batch) -> int:
+    """Padded tokens of a collated batch: its rows x the longer of its source and target columns."""
+    b = collate([pairs[i] for i in batch])
+    return b["src"].shape[0] * max(b["src"].shape[1], b["tgt_out"].shape[1])
+
+
+@pytest.mark.parametrize("batch_size", [None, 6])
+def test_token_batches_hold_both_limits_and_every_example_once(batch_size):
+    pairs = token_corpus()
+    sampler = token_sampler(pairs, max_tokens=200, batch_size=batch_size, seed=1)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(len(pairs)))
+    assert all(padded(pairs, b) <= 200 for b in batches)
+    assert max(padded(pairs, b) for b in batches) > 150  # batches are filled, not merely small
+    if batch_size is not None:
+        assert max(len(b) for b in batches) == batch_size
+    assert sampler.padded_tokens() == [padded(pairs, b) for b in batches]
+
+
+def test_token_batches_give_every_replica_as_many_batches_of_similar_length():
+    pairs = token_corpus(401)
+    per_rank = [list(token_sampler(pairs, rank=r, replicas=3, max_tokens=150, seed=2)) for r in range(3)]
+    assert len({len(batches) for batches in per_rank}) == 1
+    seen = sorted(i for batches in per_rank for b in batches for i in b)
+    assert set(seen) == set(range(len(pairs))) and len(seen) - len(pairs) < 3  # a repeat only in a tiny remainder
+    assert all(padded(pairs, b) <= 150 for batches in per_rank for b in batches)
+    # The replicas' batches of one step come from neighbouring lengths (one sorted run).
+    sizes = [[max(max(len(pairs[i][0]), len(pairs[i][1])) for i in b) for b in batches] for batches in per_rank]
+    spread = [max(step) - min(step) for step in zip(*sizes, strict=True)]
+    assert sorted(spread)[len(spread) // 2] <= 2
+
+
+def test_token_batches_are_seeded_and_reshuffled_per_epoch():
+    pairs = token_corpus()
+    first, again = token_sampler(pairs, seed=4), token_sampler(pairs, seed=4)
+    assert list(first) == list(again)
+    again.set_epoch(1)
+    assert list(again) != list(first)
+    assert list(token_sampler(pairs, seed=5)) != list(first)
+
+
+def test_token_batches_resume_mid_epoch():
+    pairs = token_corpus()
+    for rank in (0, 1):
+        loader = ResumableDataLoader(PairDataset(pairs), token_sampler(pairs, rank, 2, seed=1), collate_fn=collate)
+        full = [b["src"] for b in loader]
+        it = iter(loader)
+        for _ in range(5):
+            next(it)
+            loader.mark_step()
+        state = loader.state_dict()
+        resumed = ResumableDataLoader(PairDataset(pairs), token_sampler(pairs, rank, 2, seed=1), collate_fn=collate)
+        resumed.load_state_dict(state)
+        rest = [b["src"] for b in resumed]
+        assert len(rest) == len(full) - 5
+        assert all(torch.equal(a, b) for a, b in zip(rest, full[5:], strict=True))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.max_tokens=12"], r"data.max_tokens \(12\) is smaller than the longest allowed sentence"),
+        (["data.batch_size=null", "data.max_tokens=null"], "set data.batch_size"),
+        (["data.max_tokens=0"], "data.max_tokens must be a positive integer"),
+    ],
+)
+def test_bad_token_limits_are_one_line(make_cfg, overrides, message):
+    from mha_lightning.config import instantiate
+
+    with pytest.raises(ConfigError, match=message) as error:
+        instantiate(make_cfg(*overrides).data, config_key="data")
+    assert "\n" not in str(error.value)
+
+
+def test_token_batches_in_a_run_log_their_count_and_padding(make_cfg, caplog):
+    from helpers.config import QUIET
+    from mha_lightning.train import train
+
+    cfg = make_cfg(*QUIET, "logger=none", "test=false", "data.batch_size=null", "data.max_tokens=160")
+    cfg.trainer.max_steps = 3
+    with caplog.at_level("INFO"):
+        train(cfg)
+    lines = [r.getMessage() for r in caplog.records if "token batches" in r.getMessage()]
+    assert lines and "batches per epoch per replica" in lines[0] and "max" in lines[0]

@@ -268,11 +268,16 @@ def test_monitor_config_adds_the_entropy_callback(make_cfg):
 @pytest.mark.parametrize("name", options("experiment"))
 def test_experiment_configs(make_cfg, name, tmp_path):
     # Text experiments name no corpus (the user gives it): give them the test corpus.
-    corpus = text_overrides(write_word_corpus(tmp_path / "corpus"))[1:] if name.endswith("_text") else []
+    is_text = name.endswith("_text") or name == "translation"
+    corpus = text_overrides(write_word_corpus(tmp_path / "corpus"))[1:] if is_text else []
     cfg = make_cfg(f"experiment={name}", "logger=none", *corpus)
     dm, model, *_ = instantiate_run(cfg)
     if name == "reverse_tiny":
         assert cfg.data.task == "reverse" and cfg.model.d_model == 64 and cfg.trainer.max_steps == 1500
+    if name == "translation":  # what a translation user starts from (issue 24)
+        assert cfg.model.d_model == 256 and cfg.data.max_tokens == 4096 and cfg.module.label_smoothing == 0.1
+        assert cfg.module.test_decoding.strategy == "beam" and cfg.module.test_decoding.beam_size == 5
+        assert cfg.callbacks.model_checkpoint.save_top_k == 5 and cfg.callbacks.model_checkpoint.monitor == "step"
     if corpus:
         dm.prepare_data()  # trains the BPE tokenizer
         dm.setup("fit")
