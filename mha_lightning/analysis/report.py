@@ -253,8 +253,10 @@ def _roles_section(rows: list[dict]) -> list[str]:
         "falls (shares of queries; thresholds in `roles` of the analysis config; a head may have several or none). "
         "Every head's shares are in `heads.csv`.",
         "",
-        "| role | " + " | ".join(ATTENTION_KINDS) + " | clearest heads (evidence) |",
-        "|---|" + "---|" * len(ATTENTION_KINDS) + "---|",
+        "| role | "
+        + " | ".join(ATTENTION_KINDS)
+        + " | clearest heads with it (evidence) | strongest evidence of any head |",
+        "|---|" + "---|" * len(ATTENTION_KINDS) + "---|---|",
     ]
 
     def evidence(row: dict, role: str) -> float:
@@ -265,7 +267,11 @@ def _roles_section(rows: list[dict]) -> list[str]:
         counts = [sum(r["head"].startswith(kind + "/") for r in having) for kind in ATTENTION_KINDS]
         clearest = sorted(having, key=lambda r: -evidence(r, role))[:3]
         shown = ", ".join(f"{r['head']} ({evidence(r, role):.0%})" for r in clearest) or "none"
-        lines.append(f"| {role} | " + " | ".join(map(str, counts)) + f" | {shown} |")
+        # Below the threshold too: how close the nearest head comes (a small or short-trained model may have none).
+        measured = [r for r in rows if any(r.get(name) is not None for name in ROLE_EVIDENCE[role])]
+        strongest = max(measured, key=lambda r: evidence(r, role), default=None)
+        near = f"{strongest['head']} ({evidence(strongest, role):.0%})" if strongest else "not measured"
+        lines.append(f"| {role} | " + " | ".join(map(str, counts)) + f" | {shown} | {near} |")
     chance = [r["rare_chance"] for r in rows if r.get("rare_chance") is not None]
     if chance:
         lines += ["", f"A head attending at random would land on the rarest token {np.mean(chance):.0%} of the time."]

@@ -85,7 +85,7 @@ def prune(stats: HeadStatistics, scorer: TaskScorer, masked: list[Head], cfg: di
     return {
         "metric": scorer.name,
         "baseline": baseline,
-        "tolerance": tolerance,
+        "tolerance": float(cfg["tolerance"]),
         "points": points,
         "orders": {name: [str(h) for h in heads] for name, heads in orders.items()},
         "curves": curves,
