@@ -156,7 +156,7 @@ def main() -> None:
         single_heads(stats, counting, masked, bool(prune_cfg["single_heads_metric"]))
         return {"masks": sum(masks_scored), "removable": out["removable"]["importance"]}
 
-    probe = {k: v for k, v in data.probe_batch().items()}
+    probe = data.probe_batch()
 
     def probe_entropy() -> dict:
         model.eval()

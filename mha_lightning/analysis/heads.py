@@ -16,7 +16,8 @@ into all heads (docs/design.md, "Analysing heads").
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -142,6 +143,20 @@ def example_losses(logits: Tensor, target: Tensor) -> Tensor:
     return tokens.sum(1) / (target != PAD_ID).sum(1).clamp(min=1)
 
 
+@contextmanager
+def kept_head_gates(model) -> Iterator[dict[str, list[Tensor | None]]]:
+    """Yield each attention's current head gate (kind -> per layer; ``head_mask``'s, or None) and put them
+    back when the block ends, however it ends: callers set gates of their own in between."""
+    attention = model.attention_layers()
+    saved = {kind: [attn.head_gate for attn in mods] for kind, mods in attention.items()}
+    try:
+        yield saved
+    finally:
+        for kind, mods in attention.items():
+            for attn, gate in zip(mods, saved[kind], strict=True):
+                attn.set_head_gate(gate)
+
+
 def gate_importance(model, batch: dict[str, Tensor], local_heads: int) -> dict[str, Tensor]:
     """Michel et al.'s importance summed over the batch's examples: kind -> (layers, local_heads) sums of
     |dL_x / d gate_h|, one forward and one backward (into the gates only: no parameter gets a gradient).
@@ -149,10 +164,9 @@ def gate_importance(model, batch: dict[str, Tensor], local_heads: int) -> dict[s
     A gate of ones on every head of this rank multiplies the gate the model already has (``head_mask``),
     which is back afterwards. Under tensor parallelism the caller places the local heads globally."""
     attention = model.attention_layers()
-    fixed = {kind: [attn.head_gate for attn in mods] for kind, mods in attention.items()}
     B, device = batch["src"].shape[0], batch["src"].device
     gates = {}
-    try:
+    with kept_head_gates(model) as fixed:
         for kind, mods in attention.items():
             for layer, attn in enumerate(mods):
                 gate = torch.ones(B, local_heads, device=device, requires_grad=True)
@@ -162,10 +176,6 @@ def gate_importance(model, batch: dict[str, Tensor], local_heads: int) -> dict[s
         with torch.enable_grad():
             loss = example_losses(model(batch["src"], batch["tgt_in"]), batch["tgt_out"]).sum()
             grads = torch.autograd.grad(loss, list(gates.values()))
-    finally:
-        for kind, mods in attention.items():
-            for attn, base in zip(mods, fixed[kind], strict=True):
-                attn.set_head_gate(base)
     sums = {kind: torch.zeros(len(mods), local_heads, device=device) for kind, mods in attention.items()}
     for (kind, layer), grad in zip(gates, grads, strict=True):
         sums[kind][layer] = grad.detach().abs().sum(0)

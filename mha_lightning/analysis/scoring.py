@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from mha_lightning.analysis.heads import kept_head_gates
 from mha_lightning.data.batching import collate
 from mha_lightning.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from mha_lightning.kinds import Head
@@ -67,7 +68,6 @@ class TaskScorer:
     def scores(self, masks: Sequence[Sequence[Head]]) -> list[float]:
         """The metric without each mask's heads, one number per mask."""
         attention = self.module.model.attention_layers()
-        saved = {kind: [attn.head_gate for attn in mods] for kind, mods in attention.items()}
         together = len(masks) if self.greedy else 1
         hits: list[list[float]] = [[] for _ in masks]  # per mask, per example (exact match)
         hyps: list[list[list[int]]] = [[] for _ in masks]  # per mask, per example (decoded)
@@ -79,7 +79,7 @@ class TaskScorer:
             unit="pass",
             disable=not self.progress or len(masks) < 2,
         )
-        try:
+        with bar, kept_head_gates(self.module.model):  # the bar closes and the gates return however it ends
             for chunk, per_pass in zip(chunks, groups, strict=True):
                 batch = {k: v.to(self.module.device) for k, v in collate(chunk).items()}  # once per chunk
                 for first in range(0, len(masks), per_pass):
@@ -93,11 +93,6 @@ class TaskScorer:
                             hyps[first + i] += row
                     self.passes += 1
                     bar.update()
-        finally:
-            bar.close()
-            for kind, mods in attention.items():
-                for attn, gate in zip(mods, saved[kind], strict=True):
-                    attn.set_head_gate(gate)
         if self.teacher_forced:
             return [float(np.mean(h)) for h in hits]
         return [self._score(h) for h in hyps]
@@ -107,10 +102,9 @@ class TaskScorer:
         """The teacher-forced cross-entropy per target token (no smoothing) without each mask's heads, one
         number per mask: masks batched side by side as :meth:`scores` does, one forward per pass."""
         attention = self.module.model.attention_layers()
-        saved = {kind: [attn.head_gate for attn in mods] for kind, mods in attention.items()}
         nll, tokens = [0.0] * len(masks), 0
         chunks = [self.pairs[i : i + self.batch_size] for i in range(0, len(self.pairs), self.batch_size)]
-        try:
+        with kept_head_gates(self.module.model):
             for chunk in chunks:
                 batch = {k: v.to(self.module.device) for k, v in collate(chunk).items()}
                 tokens += int((batch["tgt_out"] != PAD_ID).sum())
@@ -124,10 +118,6 @@ class TaskScorer:
                     for i, total in enumerate(rows.sum(1).view(len(group), -1).sum(1).tolist()):
                         nll[first + i] += total
                     self.passes += 1
-        finally:
-            for kind, mods in attention.items():
-                for attn, gate in zip(mods, saved[kind], strict=True):
-                    attn.set_head_gate(gate)
         return [total / max(tokens, 1) for total in nll]
 
     def _set_gates(self, attention: dict, masks: Sequence[Sequence[Head]], rows_per_mask: int) -> None:
