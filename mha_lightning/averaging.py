@@ -67,12 +67,11 @@ def _same_model(infos: list[CheckpointInfo]) -> None:
             )
 
 
-def _state_dict(info: CheckpointInfo) -> dict[str, torch.Tensor]:
+def _load(info: CheckpointInfo) -> dict[str, Any]:
     checkpoint = load_sharded_checkpoint(info.path) if info.sharded else _torch_load(info.path)
-    state = checkpoint.get("state_dict")
-    if not isinstance(state, dict):
+    if not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError(f"{info.path} has no 'state_dict'; is it a mha-train checkpoint?")
-    return state
+    return checkpoint
 
 
 def average(infos: list[CheckpointInfo]) -> dict[str, Any]:
@@ -81,8 +80,15 @@ def average(infos: list[CheckpointInfo]) -> dict[str, Any]:
     newest = max(infos, key=lambda info: info.global_step)
     sums: dict[str, torch.Tensor] = {}
     kept: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    meta: dict[str, Any] = {}
     for info in infos:  # one state dict in memory at a time, besides the running sums
-        state = _state_dict(info)
+        checkpoint = _load(info)
+        state = checkpoint["state_dict"]
+        if info is newest:  # its dtypes and metadata go into the result: read once, here
+            dtypes = {k: v.dtype for k, v in state.items()}
+            source = _torch_load(info.path / META_FILE) if info.sharded else checkpoint
+            meta = {"hyper_parameters": source.get("hyper_parameters"), "epoch": source.get("epoch", 0)}  # no tensors
         if sums and state.keys() != sums.keys() | kept.keys():
             raise CheckpointError(f"{info.path} holds other tensors than {infos[0].path}; use the same model config")
         for key, value in state.items():
@@ -99,14 +105,12 @@ def average(infos: list[CheckpointInfo]) -> dict[str, Any]:
                 )
             # float64 sums: the mean of N fp32 tensors, rounded once.
             sums[key] = sums[key] + value.double() if key in sums else value.double().clone()
-    dtypes = {k: v.dtype for k, v in _state_dict(newest).items()} if len(sums) else {}
     state = {k: (v / len(infos)).to(dtypes[k]) for k, v in sums.items()} | kept
-    meta = _torch_load(newest.path / META_FILE) if newest.sharded else _torch_load(newest.path)
     return {
         "state_dict": state,
-        "hyper_parameters": meta.get("hyper_parameters"),
+        "hyper_parameters": meta["hyper_parameters"],
         "global_step": newest.global_step,
-        "epoch": meta.get("epoch", 0),
+        "epoch": meta["epoch"],
         "averaged_from": [str(info.path) for info in infos],
     }
 
